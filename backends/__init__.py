@@ -1,0 +1,1 @@
+"""slmopt backends: lowering of a Program to deployable artifacts."""

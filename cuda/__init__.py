@@ -1,0 +1,1 @@
+"""Native kernel sources (C++/CUDA) and their build helpers."""

@@ -1,0 +1,1 @@
+"""slmopt passes: graph rewrites registered by name in slmopt.pass_base."""

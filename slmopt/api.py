@@ -1,0 +1,263 @@
+"""Python API: ``slmopt.compile`` — load, capture, run the pass pipeline, lower, verify, report.
+
+Example:
+    >>> import slmopt
+    >>> # result = slmopt.compile("path/to/model", passes="mask-2to4{method=wanda}", calib="calib.txt",
+    >>> #                         backend="onnxruntime", output_dir="out/")
+    >>> # result.report.parity["max_abs_diff"] <= 1e-4
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmopt.errors import UserError
+from slmopt.evaluation import ModelData, evaluate_quality, load_model_data, measure_latency
+from slmopt.loaders import LoadedModel, load_program
+from slmopt.lowering import MANIFEST, get_backend, resolve_backend_name
+from slmopt.pipeline import (
+    DumpGraph,
+    PassContext,
+    PassManager,
+    Pipeline,
+    TimePasses,
+    VerifyEach,
+    parse_pipeline,
+)
+from slmopt.program import Program
+from slmopt.report import CompileReport
+
+__all__ = ["CompileOptions", "CompileResult", "compile"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Options of one compile run (every CLI flag of ``slmopt compile`` maps to one field)."""
+
+    passes: str = ""
+    backend: str = "onnxruntime"
+    output_dir: str | None = None
+    force: bool = False
+    calib: str | None = None
+    eval: str | None = None
+    seq_len: int = 256
+    num_samples: int = 64
+    eval_samples: int = 64
+    seed: int = 0
+    threads: int | None = None
+    dump_graph: str | None = None
+    time_passes: bool = False
+    verify_each: bool = False
+    bench: bool = True
+    parity_tolerance: float = 1e-4
+    progress: bool = True
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise UserError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.num_samples < 1 or self.eval_samples < 1:
+            raise UserError("num_samples and eval_samples must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"threads must be >= 1, got {self.threads}")
+        resolve_backend_name(self.backend)
+
+
+@dataclass
+class CompileResult:
+    program: Program
+    report: CompileReport
+    artifacts: dict[str, Path]
+    output_dir: Path | None
+
+
+def _check_output(options: CompileOptions, model: Any) -> Path | None:
+    if options.output_dir is None:
+        return None
+    out = Path(options.output_dir).expanduser().resolve()
+    if out.exists() and not options.force:
+        raise UserError(f"output folder {out} exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a folder")
+    if isinstance(model, (str, Path)) and Path(model).exists():
+        src = Path(model).expanduser().resolve()
+        # Writing inside a model folder would add files to it; --force on an ancestor would delete it.
+        inside = src.is_dir() and src in out.parents
+        if out == src or inside or out in src.parents:
+            raise UserError(f"output folder {out} overlaps the input model {src}; choose another folder")
+    return out
+
+
+def _instruments(options: CompileOptions) -> list[Any]:
+    table = [
+        (options.dump_graph, lambda: DumpGraph(options.dump_graph)),
+        (options.time_passes, TimePasses),
+        (options.verify_each, VerifyEach),
+    ]
+    return [make() for wanted, make in table if wanted]
+
+
+def compile(  # noqa: A001 - the public name users expect: slmopt.compile
+    model: str | Path | nn.Module,
+    passes: str | Pipeline = "",
+    *,
+    output_dir: str | Path | None = None,
+    **kwargs: Any,
+) -> CompileResult:
+    """Compiles a model: capture → passes → lower → verify → report.
+
+    Args:
+        model: a Hugging Face folder, a ``.pt2`` file, ``package.module:factory`` or an ``nn.Module``.
+        passes: a pipeline string such as ``"mask-2to4{method=sparsegpt}"`` (or a parsed Pipeline).
+        output_dir: where artifacts go (written atomically); None keeps the result in memory only.
+        **kwargs: any other :class:`CompileOptions` field (``calib``, ``eval``, ``backend``, ``force``...).
+
+    Returns:
+        CompileResult with the transformed Program, the report and the artifact paths.
+
+    Raises:
+        UserError: bad input (missing model, unknown pass, output exists...), before anything is written.
+    """
+    valid = {f.name for f in fields(CompileOptions)}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise TypeError(f"compile() got unknown options {unknown}; valid: {', '.join(sorted(valid))}")
+    pipeline = passes if isinstance(passes, Pipeline) else parse_pipeline(passes) if passes else Pipeline()
+    options = CompileOptions(
+        passes=str(pipeline), output_dir=str(output_dir) if output_dir is not None else None, **kwargs
+    )
+    out = _check_output(options, model)
+    started = time.perf_counter()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+
+    program, loaded = load_program(model)
+    data = load_model_data(loaded.info, options)
+    ctx = PassContext(
+        calib=data.calib,
+        seed=options.seed,
+        threads=options.threads,
+        backend=resolve_backend_name(options.backend),
+        progress=options.progress,
+        instruments=_instruments(options),
+        extras={"tokenizer": data.tokenizer},
+    )
+    torch.manual_seed(options.seed)
+    transformed, pass_reports = PassManager(pipeline).run(program, ctx)
+    for inst in ctx.instruments:
+        if isinstance(inst, TimePasses):
+            log.info("pass timings:\n%s", inst.table())
+
+    report = CompileReport(
+        pipeline=str(pipeline),
+        source=loaded.info.source,
+        backend=ctx.backend,
+        model=loaded.info.to_dict() | {"config": None},
+        passes=[r.to_dict() for r in pass_reports],
+        params_before=program.num_params(),
+        params_after=transformed.num_params(),
+    )
+    artifacts: dict[str, Path] = {}
+    if out is not None:
+        artifacts = _lower_atomically(program, transformed, loaded, data, options, report, out, started)
+    report.seconds = time.perf_counter() - started
+    return CompileResult(program=transformed, report=report, artifacts=artifacts, output_dir=out)
+
+
+def _lower_atomically(
+    original: Program,
+    program: Program,
+    loaded: LoadedModel,
+    data: ModelData,
+    options: CompileOptions,
+    report: CompileReport,
+    out: Path,
+    started: float,
+) -> dict[str, Path]:
+    """Lowers into a temporary sibling folder, verifies, writes the report, then renames into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        backend = get_backend(options.backend)
+        lowered = backend.lower(program, tmp, dict(options.backend_options))
+        report.artifacts = dict(lowered.artifacts)
+        report.lowering = lowered.metadata
+        engine = backend.load(tmp, threads=options.threads)
+        report.parity = _parity(program, engine, data, options.parity_tolerance)
+        report.checks = _artifact_checks(program, report, tmp)
+        if data.eval is not None:
+            report.quality = evaluate_quality(original, engine, data, progress=options.progress)
+        if options.bench and loaded.info.kind != "module":
+            report.latency = measure_latency(original, engine, options, progress=options.progress)
+        manifest = {
+            "backend": lowered.backend,
+            "artifacts": lowered.artifacts,
+            "pipeline": report.pipeline,
+            "model": loaded.info.to_dict(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        report.seconds = time.perf_counter() - started
+        report.write(tmp)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {name: out / rel for name, rel in lowered.artifacts.items()}
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Moves ``tmp`` to ``out``; an existing ``out`` (``--force``) is swapped out first, then deleted."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _parity(program: Program, engine: Any, data: ModelData, tolerance: float) -> dict[str, Any]:
+    """Max |engine − program| on sample inputs at two shapes (exercises the dynamic dims)."""
+    diffs = []
+    for inputs in data.parity_inputs(program):
+        expected = program(*inputs).float()
+        got = engine(*inputs).float()
+        if got.shape != expected.shape:
+            raise RuntimeError(f"engine output shape {tuple(got.shape)} != program's {tuple(expected.shape)}")
+        diffs.append((got - expected).abs().max().item())
+    worst = max(diffs)
+    if worst > tolerance:
+        log.warning("parity %.3g exceeds tolerance %.1g", worst, tolerance)
+    return {"max_abs_diff": worst, "tolerance": tolerance, "passed": worst <= tolerance, "shapes": len(diffs)}
+
+
+def _artifact_checks(program: Program, report: CompileReport, folder: Path) -> dict[str, Any]:
+    """Checks on the written artifacts themselves (the 2:4 pattern read back from the ONNX file)."""
+    checks: dict[str, Any] = {}
+    masked = [p for p in report.passes if p["name"] == "mask-2to4"]
+    onnx_file = report.artifacts.get("onnx")
+    if masked and onnx_file:
+        from slmopt.onnx_check import check_nm_onnx
+
+        cfg = masked[0]["metrics"].get("config", {})
+        n, m = cfg.get("n", 2), cfg.get("m", 4)
+        names = [c["target"] for c in masked[0]["changes"]]
+        result = check_nm_onnx(folder / onnx_file, n=n, m=m, names=names)
+        checks[f"onnx_{n}to{m}"] = result.summary()
+        if not result.passed(names):
+            raise RuntimeError(f"the saved ONNX does not hold the {n}:{m} pattern: {result.summary()}")
+    return checks

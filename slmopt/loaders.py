@@ -1,0 +1,257 @@
+"""Model loaders: a Hugging Face model folder, a saved ``torch.export`` program, or ``module:factory``.
+
+Every loader returns a :class:`LoadedModel` (a module that returns one tensor, example inputs and the
+:class:`~slmopt.program.ModelInfo`), and never writes to the input. Pickled checkpoints are only ever read
+with ``weights_only=True``.
+
+Example:
+    >>> # loaded = load_model("path/to/hf_model_dir")
+    >>> # program = capture(loaded.module, loaded.example_inputs, loaded.info)
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmopt.errors import UserError
+from slmopt.program import ModelInfo, Program, capture
+
+__all__ = ["HiddenOnly", "LoadedModel", "LogitsOnly", "load_model", "load_program", "model_files"]
+
+log = logging.getLogger(__name__)
+
+_EXAMPLE_SHAPE = (2, 16)  # >= 2 on every dynamic axis so export does not specialise them
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class LogitsOnly(nn.Module):
+    """Wraps a Hugging Face causal LM so it maps ``input_ids`` to logits (no cache, no dict output)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class HiddenOnly(nn.Module):
+    """Wraps a Hugging Face encoder so it maps ``input_ids`` to the last hidden state."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).last_hidden_state
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    info: ModelInfo
+    files: list[Path] = field(default_factory=list)  # input files read (for "never modified" checks)
+
+
+def model_files(path: str | Path) -> list[Path]:
+    """The files a model path consists of (a folder's regular files, or the file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file())
+    return [p] if p.is_file() else []
+
+
+def _token_inputs(vocab_size: int, seed: int = 0) -> tuple[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, vocab_size, _EXAMPLE_SHAPE, generator=gen),)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face folder
+def _check_safetensors(files: list[Path]) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"corrupt safetensors file {f}: {err}") from None
+
+
+def _is_causal_lm(config: Any) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return bool(getattr(config, "is_decoder", False)) or config.model_type in {
+        "llama",
+        "qwen2",
+        "gpt2",
+        "mistral",
+    }
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
+    import transformers
+
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise UserError(
+            f"{path} is not a model folder: no config.json "
+            "(expected a Hugging Face model folder, a .pt2 file, or package.module:factory)"
+        )
+    try:
+        json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{config_path} is not valid JSON: {err}") from None
+    weights = sorted(path.glob("*.safetensors"))
+    pickles = sorted(path.glob("pytorch_model*.bin"))
+    if not weights and not pickles:
+        raise UserError(f"{path} has a config.json but no weights (*.safetensors or pytorch_model.bin)")
+    _check_safetensors(weights)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError) as err:
+        raise UserError(f"{config_path}: not a configuration transformers can read: {err}") from None
+    causal = _is_causal_lm(config)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    try:
+        # transformers reads .bin checkpoints with torch.load(weights_only=True); safetensors preferred.
+        model = auto.from_pretrained(path, local_files_only=True, use_safetensors=bool(weights), dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"cannot load the model in {path}: {str(err).splitlines()[0]}") from None
+    model.eval()
+    vocab = int(config.vocab_size)
+    has_tokenizer = any((path / name).is_file() for name in _TOKENIZER_FILES)
+    info = ModelInfo(
+        kind="causal-lm" if causal else "encoder",
+        source=str(path),
+        vocab_size=vocab,
+        max_seq_len=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
+        byte_level=vocab == 256 and not has_tokenizer,
+        tokenizer_dir=str(path) if has_tokenizer else None,
+        config=config.to_dict(),
+    )
+    wrapper = LogitsOnly(model) if causal else HiddenOnly(model)
+    return LoadedModel(wrapper, _token_inputs(vocab), info, model_files(path))
+
+
+# ------------------------------------------------------------------------------------ torch.export file
+def _load_pt2(path: Path) -> LoadedModel:
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as err:  # noqa: BLE001 - any failure here means "not a valid .pt2"
+        raise UserError(
+            f"{path} is not a loadable torch.export program: {str(err).splitlines()[0]}"
+        ) from None
+    args = ep.example_inputs[0] if ep.example_inputs else None
+    if not args:
+        raise UserError(f"{path} carries no example inputs; re-save it with torch.export.save")
+    meta_file = path.with_suffix(".json")
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    first = args[0]
+    token_model = not first.is_floating_point()
+    kind = meta.get("kind") or ("causal-lm" if token_model else "module")
+    dyn = [{0: "batch", 1: "seq"} if a.dim() >= 2 else {0: "batch"} for a in args]
+    info = ModelInfo(
+        kind=kind,
+        source=str(path),
+        input_names=meta.get("input_names") or [f"input_{i}" if i else "input_ids" for i in range(len(args))],
+        vocab_size=meta.get("vocab_size"),
+        max_seq_len=meta.get("max_seq_len"),
+        byte_level=bool(meta.get("byte_level", False)),
+        dynamic_dims=dyn,
+    )
+    if not token_model:
+        info.input_names = meta.get("input_names") or [f"input_{i}" for i in range(len(args))]
+    return LoadedModel(ep.module(), tuple(args), info, [path])
+
+
+# ------------------------------------------------------------------------------------ module:factory
+def _load_factory(spec: str) -> LoadedModel:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"bad factory {spec!r}: expected package.module:function")
+    # Like `python -m`, a factory in the current folder must be importable.
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserError(f"cannot import {module_name!r} for factory {spec!r}: {err}") from None
+    factory: Callable[[], Any] | None = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserError(f"{module_name} has no callable {attr!r}")
+    made = factory()
+    return from_module(*made if isinstance(made, tuple) else (made,), source=spec)
+
+
+def from_module(module: nn.Module, example_inputs: Any = None, source: str = "<module>") -> LoadedModel:
+    """Wraps a Python module (a Hugging Face model, or any module plus example inputs)."""
+    if not isinstance(module, nn.Module):
+        raise UserError(f"{source}: expected a torch.nn.Module, got {type(module).__name__}")
+    config = getattr(module, "config", None)
+    if example_inputs is None and config is not None and hasattr(config, "vocab_size"):
+        causal = _is_causal_lm(config)
+        info = ModelInfo(
+            kind="causal-lm" if causal else "encoder",
+            source=source,
+            vocab_size=int(config.vocab_size),
+            max_seq_len=getattr(config, "max_position_embeddings", None),
+            config=config.to_dict(),
+        )
+        wrapper = LogitsOnly(module) if causal else HiddenOnly(module)
+        return LoadedModel(wrapper, _token_inputs(info.vocab_size), info)
+    if example_inputs is None:
+        raise UserError(f"{source}: give example inputs for a module that is not a Hugging Face model")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    token_model = len(inputs) == 1 and not inputs[0].is_floating_point()
+    info = ModelInfo(
+        kind="causal-lm" if token_model else "module",
+        source=source,
+        input_names=["input_ids"] if token_model else [f"input_{i}" for i in range(len(inputs))],
+        dynamic_dims=[{0: "batch", 1: "seq"} if x.dim() >= 2 else {0: "batch"} for x in inputs],
+    )
+    return LoadedModel(module, inputs, info)
+
+
+def load_model(spec: str | Path | nn.Module, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Loads a model from a Hugging Face folder, a ``.pt2`` file, ``module:factory`` or a module.
+
+    Raises:
+        UserError: the path is missing, is not a model, or its files are corrupt.
+    """
+    if isinstance(spec, nn.Module):
+        return from_module(spec)
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_dir():
+            return _load_hf_dir(path, dtype)
+        if path.suffix in (".pt2", ".ep"):
+            return _load_pt2(path)
+        raise UserError(f"{path}: unsupported model file (expected a folder, a .pt2 file or module:factory)")
+    if ":" in text and not text.startswith(("/", ".")) and "/" not in text.split(":")[0]:
+        return _load_factory(text)
+    raise UserError(f"model path {text} does not exist")
+
+
+def load_program(spec: str | Path | nn.Module) -> tuple[Program, LoadedModel]:
+    """Loads and captures a model in one step (used by compile, inspect, eval and bench)."""
+    loaded = load_model(spec)
+    try:
+        program = capture(loaded.module, loaded.example_inputs, loaded.info)
+    except Exception as err:  # noqa: BLE001 - export failures have long messages; keep the first line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot capture {loaded.info.source} with torch.export: {first}") from err
+    return program, loaded
