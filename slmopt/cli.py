@@ -285,6 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"slmopt: error: {err} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # Output piped into `head` and closed early: not an error worth a message.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("slmopt: interrupted", file=sys.stderr)
         return 130

@@ -104,6 +104,8 @@ def _is_causal_lm(config: Any) -> bool:
 def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     import transformers
 
+    # slmopt draws its own progress bars; transformers' per-file "Loading weights" bars are noise here.
+    transformers.utils.logging.disable_progress_bar()
     config_path = path / "config.json"
     if not config_path.is_file():
         raise UserError(
