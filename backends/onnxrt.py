@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from slmopt.backends.torch_backend import custom_ops_in
 from slmopt.lowering import Backend, Engine, LoweringResult, onnx_translations
 
 if TYPE_CHECKING:
@@ -71,6 +72,8 @@ MAX_IR_VERSION = 13  # the newest IR version ONNX Runtime 1.31 loads
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which they go to model.onnx.data
 OUTPUT_NAMES = {"causal-lm": "logits", "encoder": "last_hidden_state", "module": "output"}
 _OPTIONS = {"opset", "external_data", "optimize", "verify"}
+# Hints for custom-op lowerings (see slmopt.backends.onnx_fff); they override the Program's own hints.
+_HINTS = {"fff_lowering", "fff_routing", "fff_moe_exact"}
 _NUMPY_DTYPES = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
@@ -121,11 +124,10 @@ def _axis_names(
 
 
 def _options(options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(options) - _OPTIONS
+    unknown = set(options) - _OPTIONS - _HINTS
     if unknown:
-        raise ValueError(
-            f"unknown onnxruntime backend option(s) {sorted(unknown)}; valid options: {', '.join(sorted(_OPTIONS))}"
-        )
+        valid = ", ".join(sorted(_OPTIONS | _HINTS))
+        raise ValueError(f"unknown onnxruntime backend option(s) {sorted(unknown)}; valid options: {valid}")
     opset = int(options.get("opset", DEFAULT_OPSET))
     if opset < 18:
         raise ValueError(f"opset must be >= 18 (the exporter's native opset), got {opset}")
@@ -145,6 +147,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     external_data: bool | None = None,
     optimize: bool = True,
+    hints: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Exports a Program to an ONNX file that ONNX Runtime 1.31 loads, and validates it.
 
@@ -154,6 +157,7 @@ def export_onnx(
         opset: default-domain opset (>= 18).
         external_data: weights in a separate file; None decides by size (> 1 GiB).
         optimize: run the exporter's ONNX optimizer (constant folding, redundancy elimination).
+        hints: custom-op lowering hints (``fff_lowering``...); default: the Program's ``lowering_hints``.
 
     Returns:
         Metadata: opset, ir_version, external_data, input/output names, op histogram, file sizes.
@@ -166,6 +170,9 @@ def export_onnx(
     path = Path(path)
     started = time.perf_counter()
     exported = program.export()
+    if "slmopt::fff" in custom_ops_in(exported.graph):
+        import slmopt.backends.onnx_fff  # noqa: F401 - registers the slmopt::fff translations
+    hints = {**program.lowering_hints, **(hints or {})}
     n_inputs = len(program.example_inputs)
     input_names = list(program.info.input_names)
     if len(input_names) != n_inputs:
@@ -183,7 +190,7 @@ def export_onnx(
         # For an ExportedProgram the exporter only uses string dims to rename the symbolic axes.
         dynamic_shapes=_axis_names(program, exported),
         opset_version=opset,
-        custom_translation_table=onnx_translations() or None,
+        custom_translation_table=onnx_translations(hints) or None,
         optimize=optimize,
         verbose=False,
     )
@@ -403,7 +410,12 @@ class OnnxRuntimeBackend(Backend):
         out_dir = Path(out_dir)
         path = out_dir / ONNX_FILE
         metadata = export_onnx(
-            program, path, opset=opts["opset"], external_data=opts["external_data"], optimize=opts["optimize"]
+            program,
+            path,
+            opset=opts["opset"],
+            external_data=opts["external_data"],
+            optimize=opts["optimize"],
+            hints={k: v for k, v in options.items() if k in _HINTS},
         )
         artifacts = {"onnx": ONNX_FILE}
         if metadata["external_data"]:
