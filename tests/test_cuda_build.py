@@ -1,0 +1,222 @@
+"""fff.cu compiles with nvcc (sm_80, sm_90, PTX); fff_common.h's host build and the CUDA kernel are correct."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slmopt import ops
+from slmopt.native import build
+
+NVCC = build.find_nvcc()
+needs_nvcc = pytest.mark.skipif(
+    NVCC is None, reason="nvcc not found (install the CUDA toolkit or set CUDA_HOME)"
+)
+needs_cxx = pytest.mark.skipif(shutil.which("c++") is None, reason="no host C++ compiler")
+
+PARAM_NAMES = (
+    "node_w",
+    "node_b",
+    "node_out",
+    "leaf_w1",
+    "leaf_b1",
+    "leaf_wg",
+    "leaf_bg",
+    "leaf_w2",
+    "leaf_b2",
+)
+ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "relu": 3}
+
+
+class Params(ctypes.Structure):
+    """ctypes mirror of SlmoptFffParams (cuda/fff_common.h)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("x", *PARAM_NAMES, "y")] + [
+        ("tokens", ctypes.c_int64),
+        ("hidden", ctypes.c_int64),
+        ("nodes", ctypes.c_int64),
+        ("leaf_width", ctypes.c_int64),
+        ("activation", ctypes.c_int32),
+    ]
+
+
+def make(h: int, levels: int, width: int, design: str, seed: int) -> dict[str, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    n, e = 2**levels - 1, 2**levels
+    p: dict[str, torch.Tensor | None] = dict.fromkeys(PARAM_NAMES)
+    p["node_w"], p["node_b"] = torch.randn(n, h, generator=g) * h**-0.5, torch.randn(n, generator=g) * 0.1
+    if design in ("ufb", "both"):
+        p["node_out"] = torch.randn(n, h, generator=g) * h**-0.5
+    if design in ("leaves", "gated", "both"):
+        for name in ("leaf_w1", "leaf_w2") + (("leaf_wg",) if design == "gated" else ()):
+            p[name] = torch.randn(e, width, h, generator=g) * h**-0.5
+        p["leaf_b1"], p["leaf_b2"] = (
+            torch.randn(e, width, generator=g) * 0.1,
+            torch.randn(e, h, generator=g) * 0.1,
+        )
+    return p
+
+
+def expected(x: torch.Tensor, p: dict, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent hard-routing forward (float64 gathers); returns (y, min |z| per token)."""
+    d = {k: (v.double() if v is not None else None) for k, v in p.items()}
+    fn = {
+        "gelu": F.gelu,
+        "silu": F.silu,
+        "relu": F.relu,
+        "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    }[act]
+    xt = x.double()
+    node = torch.zeros(len(xt), dtype=torch.long)
+    y, margin = torch.zeros_like(xt), torch.full((len(xt),), float("inf"), dtype=torch.float64)
+    for _ in range((d["node_w"].shape[0] + 1).bit_length() - 1):
+        z = (d["node_w"][node] * xt).sum(-1) + d["node_b"][node]
+        margin = torch.minimum(margin, z.abs())
+        if d["node_out"] is not None:
+            y += fn(z)[:, None] * d["node_out"][node]
+        node = 2 * node + 1 + (z > 0).long()
+    leaf = node - d["node_w"].shape[0]
+    if d["leaf_w1"] is not None:
+        up = torch.einsum("th,tlh->tl", xt, d["leaf_w1"][leaf]) + d["leaf_b1"][leaf]
+        hidden = (
+            fn(torch.einsum("th,tlh->tl", xt, d["leaf_wg"][leaf])) * up
+            if d["leaf_wg"] is not None
+            else fn(up)
+        )
+        y += torch.einsum("tl,tlh->th", hidden, d["leaf_w2"][leaf]) + d["leaf_b2"][leaf]
+    return y, margin
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build.compile_host_library(tmp_path_factory.mktemp("fffhost"))))
+    lib.slmopt_fff_host_forward_f32.restype = ctypes.c_int
+    lib.slmopt_fff_host_forward_f32.argtypes = [ctypes.POINTER(Params)]
+    return lib
+
+
+def host_forward(
+    lib: ctypes.CDLL, x: torch.Tensor, p: dict, act: str, nodes: int | None = None
+) -> tuple[int, torch.Tensor]:
+    y = torch.empty_like(x)
+    ptr = {k: (v.data_ptr() if v is not None else None) for k, v in p.items()}
+    width = p["leaf_w1"].shape[1] if p["leaf_w1"] is not None else 0
+    nodes = p["node_w"].shape[0] if nodes is None else nodes
+    params = Params(
+        x.data_ptr(),
+        *(ptr[k] for k in PARAM_NAMES),
+        y.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        nodes,
+        width,
+        ACT_IDS[act],
+    )
+    return lib.slmopt_fff_host_forward_f32(ctypes.byref(params)), y
+
+
+@needs_cxx
+@pytest.mark.parametrize(
+    ("design", "act"), [("leaves", "gelu"), ("gated", "silu"), ("ufb", "gelu_tanh"), ("both", "relu")]
+)
+def test_host_build_of_common_header_matches_reference(host_lib: ctypes.CDLL, design: str, act: str) -> None:
+    p = make(h=40, levels=3, width=7, design=design, seed=1)
+    x = torch.randn(64, 40, generator=torch.Generator().manual_seed(2))
+    status, y = host_forward(host_lib, x, p, act)
+    assert status == 0
+    want, margin = expected(x, p, act)
+    keep = margin >= 1e-4
+    torch.testing.assert_close(y[keep].double(), want[keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        y, ops.fff_reference(x, *(p[k] for k in PARAM_NAMES), act), atol=1e-5, rtol=1e-5
+    )
+
+
+@needs_cxx
+def test_host_build_reports_bad_nodes(host_lib: ctypes.CDLL) -> None:
+    p = make(h=8, levels=2, width=2, design="leaves", seed=0)
+    status, _ = host_forward(host_lib, torch.randn(2, 8), p, "gelu", nodes=4)
+    assert status == 1  # SLMOPT_FFF_BAD_NODES
+
+
+@pytest.mark.cuda_build
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_nvcc_compiles_object(tmp_path: Path, arch: str) -> None:
+    out = build.compile_cuda(arch, tmp_path)
+    assert out.exists() and out.stat().st_size > 0
+    symbols = subprocess.run(["nm", str(out)], capture_output=True, text=True, check=True).stdout
+    for name in (
+        "slmopt_fff_forward_f32",
+        "slmopt_fff_forward_f16",
+        "slmopt_fff_forward_bf16",
+        "slmopt_fff_workspace_size",
+    ):
+        assert f" T {name}" in symbols
+    cuobjdump = Path(NVCC).with_name("cuobjdump")
+    if cuobjdump.exists():
+        elf = subprocess.run([str(cuobjdump), "--list-elf", str(out)], capture_output=True, text=True).stdout
+        assert arch in elf
+
+
+@pytest.mark.cuda_build
+@needs_nvcc
+def test_nvcc_emits_ptx_without_torch(tmp_path: Path) -> None:
+    cmd = build.nvcc_command("sm_90", tmp_path / "x.ptx", ptx=True)
+    assert "-DSLMOPT_WITH_TORCH" not in cmd and not any("torch" in c for c in cmd)
+    ptx = build.compile_cuda("90", tmp_path, ptx=True).read_text()
+    assert ".target sm_90" in ptx
+    for kernel in (
+        "token_kernel",
+        "route_kernel",
+        "scan_kernel",
+        "scatter_kernel",
+        "leaf_up_kernel",
+        "leaf_down_kernel",
+    ):
+        assert kernel in ptx and ".entry" in ptx
+
+
+def test_nvcc_command_flags() -> None:
+    cmd = build.nvcc_command("sm_80", Path("o/fff.o"))
+    assert (
+        "-std=c++17" in cmd
+        and "-O3" in cmd
+        and "--generate-code=arch=compute_80,code=[compute_80,sm_80]" in cmd
+    )
+    assert cmd[-2:] == ["-o", "o/fff.o"] and cmd[-3].endswith("fff.cu")
+    with pytest.raises(ValueError, match="sm_80"):
+        build.nvcc_command("ampere", Path("x.o"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_kernel_matches_reference(dtype: torch.dtype) -> None:
+    assert ops.load_cuda_kernel(), "the CUDA extension failed to build (see the logged warning)"
+    # 1 and 7 tokens take the token kernel; 300 and 5000 the route/sort/GEMM path.
+    for design in ("leaves", "gated", "ufb", "both"):
+        for tokens in (1, 7, 300, 5000):
+            p = make(h=200, levels=4, width=24, design=design, seed=tokens)
+            # Round inputs to the storage dtype first: the kernel accumulates in fp32 from those values.
+            p = {k: (v.to(dtype).float() if v is not None else None) for k, v in p.items()}
+            x = torch.randn(tokens, 200, generator=torch.Generator().manual_seed(3)).to(dtype).float()
+            want, margin = expected(x, p, "gelu")
+            dev = {k: (v.to("cuda", dtype) if v is not None else None) for k, v in p.items()}
+            y = torch.ops.slmopt.fff(x.to("cuda", dtype), *(dev[k] for k in PARAM_NAMES), "gelu").cpu()
+            assert y.dtype == dtype and y.shape == x.shape
+            tol = 1e-4 if dtype == torch.float32 else 2e-2  # output rounding of fp16/bf16
+            keep = margin >= 1e-4
+            torch.testing.assert_close(
+                y[keep].double(),
+                want[keep],
+                atol=tol,
+                rtol=tol,
+                msg=lambda m, d=design, t=tokens: f"{d} T={t}: {m}",
+            )
