@@ -171,7 +171,9 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
     )
     artifacts: dict[str, Path] = {}
     if out is not None:
-        artifacts = _lower_atomically(program, transformed, loaded, data, options, report, out, started)
+        artifacts = _lower_atomically(
+            program, transformed, pipeline, loaded, data, options, report, out, started
+        )
     report.seconds = time.perf_counter() - started
     return CompileResult(program=transformed, report=report, artifacts=artifacts, output_dir=out)
 
@@ -179,6 +181,7 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
 def _lower_atomically(
     original: Program,
     program: Program,
+    pipeline: Pipeline,
     loaded: LoadedModel,
     data: ModelData,
     options: CompileOptions,
@@ -198,7 +201,7 @@ def _lower_atomically(
         report.lowering = lowered.metadata
         engine = backend.load(tmp, threads=options.threads)
         report.parity = _parity(program, engine, data, options.parity_tolerance)
-        report.checks = _artifact_checks(program, report, tmp)
+        report.checks = _artifact_checks(pipeline, report, tmp)
         if data.eval is not None:
             report.quality = evaluate_quality(original, engine, data, progress=options.progress)
         if options.bench and loaded.info.kind != "module":
@@ -245,19 +248,27 @@ def _parity(program: Program, engine: Any, data: ModelData, tolerance: float) ->
     return {"max_abs_diff": worst, "tolerance": tolerance, "passed": worst <= tolerance, "shapes": len(diffs)}
 
 
-def _artifact_checks(program: Program, report: CompileReport, folder: Path) -> dict[str, Any]:
-    """Checks on the written artifacts themselves (the 2:4 pattern read back from the ONNX file)."""
+def _artifact_checks(pipeline: Pipeline, report: CompileReport, folder: Path) -> dict[str, Any]:
+    """Checks on the written artifacts themselves (the N:M pattern read back from the ONNX file)."""
     checks: dict[str, Any] = {}
-    masked = [p for p in report.passes if p["name"] == "mask-2to4"]
     onnx_file = report.artifacts.get("onnx")
-    if masked and onnx_file:
-        from slmopt.onnx_check import check_nm_onnx
+    masks = [p for p in pipeline.passes if p.name == "mask-2to4"]
+    if not masks or not onnx_file:
+        return checks
+    from slmopt.onnx_check import check_nm_onnx
 
-        cfg = masked[0]["metrics"].get("config", {})
-        n, m = cfg.get("n", 2), cfg.get("m", 4)
-        names = [c["target"] for c in masked[0]["changes"]]
-        result = check_nm_onnx(folder / onnx_file, n=n, m=m, names=names)
-        checks[f"onnx_{n}to{m}"] = result.summary()
-        if not result.passed(names):
-            raise RuntimeError(f"the saved ONNX does not hold the {n}:{m} pattern: {result.summary()}")
+    n, m = masks[0].config.n, masks[0].config.m
+    pass_report = next(r for r in report.passes if r["name"] == "mask-2to4")
+    names = [c["target"] for c in pass_report["changes"]]
+    result = check_nm_onnx(folder / onnx_file, n=n, m=m, names=names)
+    expected = [r for r in result.rows if r.expected]
+    checks[f"onnx_{n}to{m}"] = {
+        "passed": result.passed(names),
+        "weights_checked": len(expected),
+        "weights_masked": len(names),
+        "min_valid_fraction": min((r.valid_fraction or 0.0 for r in expected), default=None),
+        "negative_zeros": sum(r.negative_zeros for r in expected),
+    }
+    if not result.passed(names):
+        raise RuntimeError(f"the saved ONNX does not hold the {n}:{m} pattern:\n{result.table()}")
     return checks

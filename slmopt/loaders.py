@@ -149,6 +149,34 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
 
 
 # ------------------------------------------------------------------------------------ torch.export file
+_AXIS_NAMES = {0: "batch", 1: "seq"}
+
+
+def _exported_dynamic_dims(
+    ep: torch.export.ExportedProgram,
+) -> tuple[list[dict[int, str]], dict[str, tuple[int, int]]]:
+    """Which input axes the saved program keeps dynamic, and their (min, max) ranges.
+
+    Re-capturing must not ask for more dynamism than the program was exported with (that violates its
+    constraints), so the dims and their ranges come from the program's own symbolic input shapes.
+    """
+    user_inputs = set(ep.graph_signature.user_inputs)
+    dims: list[dict[int, str]] = []
+    bounds: dict[str, tuple[int, int]] = {}
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user_inputs:
+            continue
+        entry: dict[int, str] = {}
+        for axis, size in enumerate(getattr(node.meta.get("val"), "shape", ())):
+            if isinstance(size, torch.SymInt):
+                name = entry[axis] = _AXIS_NAMES.get(axis, f"dim{axis}")
+                rng = ep.range_constraints.get(size.node.expr)
+                if rng is not None and rng.upper.is_finite:
+                    bounds[name] = (int(rng.lower), int(rng.upper))
+        dims.append(entry)
+    return dims, bounds
+
+
 def _load_pt2(path: Path) -> LoadedModel:
     try:
         ep = torch.export.load(str(path))
@@ -164,15 +192,21 @@ def _load_pt2(path: Path) -> LoadedModel:
     first = args[0]
     token_model = not first.is_floating_point()
     kind = meta.get("kind") or ("causal-lm" if token_model else "module")
-    dyn = [{0: "batch", 1: "seq"} if a.dim() >= 2 else {0: "batch"} for a in args]
+    dyn, bounds = _exported_dynamic_dims(ep)
+    if any(0 not in dims for dims in dyn):
+        raise UserError(
+            f"{path} was exported with a static batch size; slmopt calibrates and verifies in batches, so "
+            "export with a dynamic batch axis, e.g. dynamic_shapes={'input_ids': {0: Dim('batch'), 1: Dim('seq')}}"
+        )
     info = ModelInfo(
         kind=kind,
         source=str(path),
         input_names=meta.get("input_names") or [f"input_{i}" if i else "input_ids" for i in range(len(args))],
         vocab_size=meta.get("vocab_size"),
-        max_seq_len=meta.get("max_seq_len"),
+        max_seq_len=meta.get("max_seq_len") or bounds.get("seq", (0, None))[1],
         byte_level=bool(meta.get("byte_level", False)),
         dynamic_dims=dyn,
+        dim_bounds=bounds,
     )
     if not token_model:
         info.input_names = meta.get("input_names") or [f"input_{i}" for i in range(len(args))]

@@ -57,6 +57,8 @@ class PassSpec:
 # name -> spec. Strings, not imports: a pass module loads on first use.
 BUILTIN_PASSES: dict[str, PassSpec] = {
     "mask-2to4": PassSpec("slmopt.passes.mask_2to4:Mask2to4", ("sparsity",)),
+    "prune-attn": PassSpec("slmopt.passes.prune_attention:PruneAttention", ("prune",)),
+    "fff": PassSpec("slmopt.passes.ffn_to_fff:FFNToFFF", ("ffn-to-fff",)),
 }
 
 _REGISTRY: dict[str, type[Pass]] = {}

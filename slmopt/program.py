@@ -49,6 +49,7 @@ class ModelInfo:
         tokenizer_dir: a directory ``AutoTokenizer.from_pretrained`` can read, if any.
         config: the Hugging Face config as a dict, if any.
         dynamic_dims: for each input, which dims are dynamic (``{0: "batch", 1: "seq"}``).
+        dim_bounds: (min, max) of a named dim when the source fixes them (a saved ``.pt2``).
     """
 
     kind: str
@@ -60,6 +61,7 @@ class ModelInfo:
     tokenizer_dir: str | None = None
     config: dict[str, Any] | None = None
     dynamic_dims: list[dict[int, str]] = field(default_factory=lambda: [{0: "batch", 1: "seq"}])
+    dim_bounds: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (min, max) when known
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,7 +100,8 @@ def _dynamic_shapes(info: ModelInfo, example_inputs: tuple[torch.Tensor, ...]) -
             if name not in dims:
                 upper = _MAX_BATCH if name == "batch" else (info.max_seq_len or _MAX_SEQ)
                 # Export specialises dims of size 0/1, so the example must be >= 2 on dynamic axes.
-                dims[name] = torch.export.Dim(name, min=1, max=max(upper, 2))
+                low, high = info.dim_bounds.get(name, (1, max(upper, 2)))
+                dims[name] = torch.export.Dim(name, min=low, max=high)
             entry[axis] = dims[name]
         spec.append(entry or None)
     return tuple(spec)
@@ -191,6 +194,13 @@ def _delete_unused_params(gm: fx.GraphModule) -> None:
             del owner._buffers[leaf]
 
 
+def _set_training(module: nn.Module, training: bool) -> None:
+    try:
+        module.train(training)
+    except NotImplementedError:
+        pass  # modules unlifted from an ExportedProgram (a loaded .pt2) have no train/eval switch
+
+
 def capture(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], info: ModelInfo) -> Program:
     """Captures ``module`` into a Program with ``torch.export`` (non-strict, dynamic batch and sequence).
 
@@ -206,14 +216,14 @@ def capture(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], info: M
         The captured Program.
     """
     was_training = module.training
-    module.eval()
+    _set_training(module, False)
     try:
         with torch.no_grad():
             ep = torch.export.export(
                 module, example_inputs, dynamic_shapes=_dynamic_shapes(info, example_inputs), strict=False
             )
     finally:
-        module.train(was_training)
+        _set_training(module, was_training)
     gm = ep.module()
     # The unlifted module shares storage with the user's parameters; copy so rewrites never leak back.
     gm = copy.deepcopy(gm)

@@ -94,9 +94,9 @@ class CompileReport:
         if self.quality:
             lines += ["", "## Quality (held-out)", "", *_quality(self.quality)]
         if self.latency:
-            lines += ["", "## Latency", "", *_kv({k: v for k, v in self.latency.items() if k != "table"})]
-            if "table" in self.latency:
-                lines += ["", "```", self.latency["table"], "```"]
+            shape = "×".join(map(str, self.latency.get("shape", [])))
+            lines += ["", f"## Latency (input {shape}, same backend and threads, interleaved runs)", ""]
+            lines += ["```", self.latency.get("table", ""), "```"]
         if self.artifacts:
             lines += ["", "## Artifacts", "", *[f"- {k}: `{v}`" for k, v in self.artifacts.items()]]
         lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in self.versions.items()), ""]
