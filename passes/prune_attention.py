@@ -445,4 +445,5 @@ class PruneAttention(Pass):
                 {key: [r[key] for r in sweep]}, title="quality vs layers removed",
                 xlabel=f"{cfg.target} layers removed (importance order)", ylabel=key,
             ))  # fmt: skip
-        return [str(p) for p in paths if p is not None]
+        # Relative to the artifact folder: it is a staging folder that is renamed into place afterwards.
+        return [Path(p).name for p in paths if p is not None]

@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -145,40 +147,64 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
 
     program, loaded = load_program(model)
     data = load_model_data(loaded.info, options)
-    ctx = PassContext(
-        calib=data.calib,
-        seed=options.seed,
-        threads=options.threads,
-        backend=resolve_backend_name(options.backend),
-        progress=options.progress,
-        instruments=_instruments(options),
-        extras={"tokenizer": data.tokenizer},
-    )
-    torch.manual_seed(options.seed)
-    transformed, pass_reports = PassManager(pipeline).run(program, ctx)
-    for inst in ctx.instruments:
-        if isinstance(inst, TimePasses):
-            log.info("pass timings:\n%s", inst.table())
-
-    report = CompileReport(
-        pipeline=str(pipeline),
-        source=loaded.info.source,
-        backend=ctx.backend,
-        model=loaded.info.to_dict() | {"config": None},
-        passes=[r.to_dict() for r in pass_reports],
-        params_before=program.num_params(),
-        params_after=transformed.num_params(),
-    )
-    artifacts: dict[str, Path] = {}
-    if out is not None:
-        artifacts = _lower_atomically(
-            program, transformed, pipeline, loaded, data, options, report, out, started
+    with _staging(out) as staging:
+        ctx = PassContext(
+            calib=data.calib,
+            seed=options.seed,
+            threads=options.threads,
+            backend=resolve_backend_name(options.backend),
+            progress=options.progress,
+            instruments=_instruments(options),
+            extras={"tokenizer": data.tokenizer, "eval_tokens": data.eval, "artifact_dir": staging},
         )
+        torch.manual_seed(options.seed)
+        transformed, pass_reports = PassManager(pipeline).run(program, ctx)
+        for inst in ctx.instruments:
+            if isinstance(inst, TimePasses):
+                log.info("pass timings:\n%s", inst.table())
+        report = CompileReport(
+            pipeline=str(pipeline),
+            source=loaded.info.source,
+            backend=ctx.backend,
+            model=loaded.info.to_dict() | {"config": None},
+            passes=[r.to_dict() for r in pass_reports],
+            params_before=program.num_params(),
+            params_after=transformed.num_params(),
+        )
+        artifacts: dict[str, Path] = {}
+        if staging is not None and out is not None:
+            lowered = _lower_and_verify(
+                program, transformed, pipeline, loaded, data, options, report, staging
+            )
+            report.seconds = time.perf_counter() - started
+            report.write(staging)
+            _replace(staging, out)
+            artifacts = {name: out / rel for name, rel in lowered.items()}
     report.seconds = time.perf_counter() - started
     return CompileResult(program=transformed, report=report, artifacts=artifacts, output_dir=out)
 
 
-def _lower_atomically(
+@contextmanager
+def _staging(out: Path | None) -> Iterator[Path | None]:
+    """A temporary sibling of ``out`` that everything is written into; removed if anything fails.
+
+    Renaming it into place at the end is what makes an interrupted run leave no half-written output.
+    """
+    if out is None:
+        yield None
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _lower_and_verify(
     original: Program,
     program: Program,
     pipeline: Pipeline,
@@ -186,40 +212,28 @@ def _lower_atomically(
     data: ModelData,
     options: CompileOptions,
     report: CompileReport,
-    out: Path,
-    started: float,
-) -> dict[str, Path]:
-    """Lowers into a temporary sibling folder, verifies, writes the report, then renames into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        backend = get_backend(options.backend)
-        lowered = backend.lower(program, tmp, dict(options.backend_options))
-        report.artifacts = dict(lowered.artifacts)
-        report.lowering = lowered.metadata
-        engine = backend.load(tmp, threads=options.threads)
-        report.parity = _parity(program, engine, data, options.parity_tolerance)
-        report.checks = _artifact_checks(pipeline, report, tmp)
-        if data.eval is not None:
-            report.quality = evaluate_quality(original, engine, data, progress=options.progress)
-        if options.bench and loaded.info.kind != "module":
-            report.latency = measure_latency(original, engine, options, progress=options.progress)
-        manifest = {
-            "backend": lowered.backend,
-            "artifacts": lowered.artifacts,
-            "pipeline": report.pipeline,
-            "model": loaded.info.to_dict(),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        report.seconds = time.perf_counter() - started
-        report.write(tmp)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {name: out / rel for name, rel in lowered.artifacts.items()}
+    folder: Path,
+) -> dict[str, str]:
+    """Lowers into ``folder``, loads the engine back, checks parity/artifacts, measures quality and speed."""
+    backend = get_backend(options.backend)
+    lowered = backend.lower(program, folder, dict(options.backend_options))
+    report.artifacts = dict(lowered.artifacts)
+    report.lowering = lowered.metadata
+    engine = backend.load(folder, threads=options.threads)
+    report.parity = _parity(program, engine, data, options.parity_tolerance)
+    report.checks = _artifact_checks(pipeline, report, folder)
+    if data.eval is not None:
+        report.quality = evaluate_quality(original, engine, data, progress=options.progress)
+    if options.bench and loaded.info.kind != "module":
+        report.latency = measure_latency(original, engine, options, progress=options.progress)
+    manifest = {
+        "backend": lowered.backend,
+        "artifacts": lowered.artifacts,
+        "pipeline": report.pipeline,
+        "model": loaded.info.to_dict(),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return dict(lowered.artifacts)
 
 
 def _replace(tmp: Path, out: Path) -> None:

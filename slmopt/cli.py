@@ -267,7 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
-        for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "torch.onnx"):
+        import torch  # noqa: F401 - torch configures its loggers on import; quiet them afterwards
+
+        for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "torch.onnx",
+                      "torch.onnx._internal.exporter._registration"):  # fmt: skip
             logging.getLogger(noisy).setLevel(logging.ERROR)
         import warnings
 

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import asdict, dataclass, field
@@ -195,10 +196,9 @@ def _delete_unused_params(gm: fx.GraphModule) -> None:
 
 
 def _set_training(module: nn.Module, training: bool) -> None:
-    try:
+    # Modules unlifted from an ExportedProgram (a loaded .pt2) have no train/eval switch.
+    with contextlib.suppress(NotImplementedError):
         module.train(training)
-    except NotImplementedError:
-        pass  # modules unlifted from an ExportedProgram (a loaded .pt2) have no train/eval switch
 
 
 def capture(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], info: ModelInfo) -> Program:
