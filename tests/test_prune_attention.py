@@ -251,8 +251,8 @@ def test_report_costs_quality_sweep_and_plots(tmp_path) -> None:
     assert m["replay"] == "prune-attn{target=attention,layers=1,recover=none}"
     pytest.importorskip("matplotlib")
     assert len(m["plots"]) == 2
-    for path in m["plots"]:
-        with open(path, "rb") as f:
+    for name in m["plots"]:  # relative to the artifact folder, which is renamed into place later
+        with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
