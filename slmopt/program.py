@@ -162,7 +162,7 @@ class Program:
 
     def recompile(self) -> None:
         """Call after editing the graph: lints, drops dead code and unused parameters, regenerates code."""
-        self.graph.eliminate_dead_code()
+        self.graph.eliminate_dead_code(is_impure_node=_is_impure)
         self.graph.lint()
         self.graph_module.delete_all_unused_submodules()
         _delete_unused_params(self.graph_module)
@@ -177,6 +177,21 @@ class Program:
             return torch.export.export(
                 self.graph_module, self.example_inputs, dynamic_shapes=self.dynamic_shapes(), strict=False
             )
+
+
+# FX keeps nodes of ops that *may* be random (dropout, SDPA with its dropout_p) even when nothing reads
+# them. A captured Program is in inference mode, so these are pure here and a dead branch must go with its
+# weights. Everything else keeps FX's own judgement.
+_PURE_IN_INFERENCE = {
+    torch.ops.aten.dropout.default,
+    torch.ops.aten.scaled_dot_product_attention.default,
+}
+
+
+def _is_impure(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _PURE_IN_INFERENCE:
+        return False
+    return node.is_impure()
 
 
 def _delete_unused_params(gm: fx.GraphModule) -> None:
