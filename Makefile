@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CACHE  ?= $(HOME)/.cache/slmopt
 TINYLM := $(CACHE)/tinylm
+# A fixed step count (not a time budget) so the reference weights do not depend on machine load.
+TINYLM_STEPS ?= 1800
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint format bench clean
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/tinylm/train.py --out $(TINYLM)
+	$(PY) examples/tinylm/train.py --out $(TINYLM) --steps $(TINYLM_STEPS)
 	$(VENV)/bin/slmopt compile $(TINYLM) --passes "mask-2to4{method=sparsegpt}" \
 		--calib $(TINYLM)/calib.txt --eval $(TINYLM)/heldout.txt -o out/demo --force
 
