@@ -89,14 +89,14 @@ class FFNToFFF(Pass):
 
     @dataclass(frozen=True)
     class Config:
-        depth: int = field(
-            default=0,
+        depth: int | None = field(
+            default=None,
             metadata={
-                "help": "tree depth (2^depth leaves); 0 = auto: smallest with <= 1/8 of neurons active"
+                "help": "tree depth (2^depth leaves); none = auto: smallest with <= 1/8 of neurons active"
             },
         )
-        leaf_width: int = field(
-            default=0, metadata={"help": "neurons per leaf; 0 = auto: (width - shared) / 2^depth"}
+        leaf_width: int | None = field(
+            default=None, metadata={"help": "neurons per leaf; none = auto: (width - shared) / 2^depth"}
         )
         shared: int = field(default=0, metadata={"help": "always-on neurons kept dense (CMoE-style)"})
         layers: tuple[int, ...] = field(
@@ -122,9 +122,11 @@ class FFNToFFF(Pass):
         )
 
         def __post_init__(self) -> None:
-            if not 0 <= self.depth <= _MAX_DEPTH:
-                raise ValueError(f"depth must be in 0..{_MAX_DEPTH} (0 = auto), got {self.depth}")
-            for name in ("leaf_width", "shared", "distill_steps"):
+            if self.depth is not None and not 1 <= self.depth <= _MAX_DEPTH:
+                raise ValueError(f"depth must be in 1..{_MAX_DEPTH} (or none = auto), got {self.depth}")
+            if self.leaf_width is not None and self.leaf_width < 1:
+                raise ValueError(f"leaf_width must be >= 1 (or none = auto), got {self.leaf_width}")
+            for name in ("shared", "distill_steps"):
                 if getattr(self, name) < 0:
                     raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
             if self.distill_seconds < 0:
@@ -161,14 +163,14 @@ class FFNToFFF(Pass):
                 f"shared={cfg.shared} must be smaller than the FFN width {width} (block {ffn.block})"
             )
         routed = width - cfg.shared
-        if cfg.leaf_width > routed:
+        if cfg.leaf_width is not None and cfg.leaf_width > routed:
             raise ValueError(
                 f"leaf_width={cfg.leaf_width} exceeds the FFN width {width}"
                 + (f" minus {cfg.shared} shared neurons" if cfg.shared else "")
                 + f" (block {ffn.block})"
             )
         depth = cfg.depth
-        if depth == 0:
+        if depth is None:
             if cfg.leaf_width:
                 depth = max(1, math.ceil(math.log2(routed / cfg.leaf_width)))
             else:

@@ -280,7 +280,12 @@ def test_distillation_lowers_the_local_loss(refit: str) -> None:
 
 
 def test_parse_options_and_errors() -> None:
-    assert parse_pipeline("fff{depth=0,leaf_width=0}").passes[0].config.depth == 0
+    assert parse_pipeline("fff{depth=none,leaf_width=none}").passes[0].config.depth is None
+    assert parse_pipeline("fff").passes[0].config.leaf_width is None  # auto by default
+    with pytest.raises(ValueError, match=r"depth must be in 1\.\.12"):
+        parse_pipeline("fff{depth=0}")
+    with pytest.raises(ValueError, match="leaf_width must be >= 1"):
+        parse_pipeline("fff{leaf_width=0}")
     assert parse_pipeline("ffn-to-fff{depth=3}").names == ["fff"]
     assert "partition=coactivation" in str(parse_pipeline("fff"))
     for bad in ("fff{depth=-1}", "fff{depth=13}", "fff{partition=kmeans}", "fff{lowering=tvm}", "fff{lr=0}"):
