@@ -141,6 +141,8 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
         passes=str(pipeline), output_dir=str(output_dir) if output_dir is not None else None, **kwargs
     )
     out = _check_output(options, model)
+    if out is not None:
+        get_backend(options.backend).check_available()  # e.g. TensorRT without a GPU: fail before loading
     started = time.perf_counter()
     if options.threads:
         torch.set_num_threads(options.threads)

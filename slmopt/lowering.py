@@ -73,6 +73,9 @@ class Backend(ABC):
 
     name: ClassVar[str] = ""
 
+    def check_available(self) -> None:  # noqa: B027 - optional hook, most backends always work
+        """Raises ImportError/UserError naming what is missing (library, GPU) before any work starts."""
+
     @abstractmethod
     def lower(self, program: Program, out_dir: Path, options: dict[str, Any]) -> LoweringResult:
         """Writes artifacts into ``out_dir`` (a fresh temporary folder the caller renames into place)."""

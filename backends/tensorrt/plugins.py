@@ -1,0 +1,546 @@
+"""The ``SlmoptFFF`` TensorRT plugin: a Python "quickly deployable plugin" with an ahead-of-time kernel.
+
+Everything the plugin agrees on with the ONNX lowering comes from :mod:`slmopt.fff_spec`: the plugin id
+``slmopt::SlmoptFFF`` (op type + ``plugin_namespace``), the inputs (:data:`fff_spec.INPUT_NAMES`) and the
+attributes (:data:`fff_spec.ATTRIBUTE_TYPES`). Facts this module relies on (TensorRT 10.x/11.x sources):
+
+* ``@trtp.register("ns::name")`` takes a function whose annotated parameters are the input ``TensorDesc``\\s
+  followed by the attributes (``int``/``str``/...; no defaults, no ``*args``) and returns the output
+  descriptor; ``@trtp.aot_impl`` receives ``(inputs..., attributes..., outputs, tactic)`` and returns
+  ``(kernel_name, ptx, KernelLaunchParams, SymIntExprs)`` — only PTX is accepted — so the kernel is baked
+  into the plan and the engine runs without Python (tensorrt/plugin/_validate.py, _plugin_class.py;
+  samples/python/quickly_deployable_plugins/README.md). Without an ``aot`` node attribute the ONNX parser
+  asks for ``QuickPluginCreationRequest.kUNKNOWN`` (or PREFER_AOT with that network flag) and a plugin
+  with only an AOT implementation is built AOT (onnx-tensorrt importerUtils.cpp ``createPlugin``;
+  _lib.py: "If only one implementation is defined, use that"), so the node keeps exactly fff_spec's
+  attributes.
+* TensorRT launches the AOT kernel with ``(input pointers..., int32 extra args..., output pointers...)``
+  (qdp_defs.py circ_pad: signature ``*fp32, i32 x 13, *fp32``).
+* The ONNX parser finds the creator by op type, ``plugin_version`` (default "1") and ``plugin_namespace``
+  and passes only the attributes the creator declares; an empty optional input reaches the plugin as a
+  null tensor (onnx-tensorrt onnxOpImporters.cpp: FallbackPluginImporter, addPluginWithCreator,
+  loadFields). String attributes arrive with their C terminator, hence the ``rstrip("\\0")``.
+
+A QDP has a fixed number of inputs, while an ``SlmoptFFF`` node leaves absent optional inputs empty, so
+:func:`bind_plugin_inputs` points every absent input at a one-element placeholder (ignored by the kernel:
+the ``present`` bit mask says which inputs are real, derived from the node's ``has_*`` attributes).
+
+The kernel runs fff.cu's small-batch design (one block of 256 threads per token) on fff_common.h's math
+and a verbatim copy of fff.cu's routing-logit formula (``warp_dot``; fff.cu itself is not included, as
+its 20 other kernels would bloat the PTX embedded in every plugin layer). PTX is cached under
+``$SLMOPT_CACHE/tensorrt_ptx``.
+
+Example:
+    >>> PLUGIN_ID
+    'slmopt::SlmoptFFF'
+    >>> launch_config(tokens=6, hidden=32, leaf_width=8)
+    LaunchConfig(grid=(6, 1, 1), block=(256, 1, 1), shared_mem=288)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import logging
+import operator
+import os
+import re
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+
+from slmopt import fff_spec
+from slmopt.native import build
+
+__all__ = [
+    "ACTIVATION_IDS",
+    "DEFAULT_ARCH",
+    "EXTRA_ARGS",
+    "KERNEL_NAMES",
+    "LOOKUP_ATTRIBUTES",
+    "MAX_SHARED_MEM",
+    "PLUGIN_FIELDS",
+    "PLUGIN_ID",
+    "PLUGIN_INPUTS",
+    "LaunchConfig",
+    "arch_digits",
+    "bind_plugin_inputs",
+    "compile_ptx",
+    "describe_signature",
+    "kernel_args",
+    "kernel_source",
+    "launch_config",
+    "parse_bound_node",
+    "plugin_report",
+    "ptx_entry_params",
+    "register",
+]
+
+log = logging.getLogger(__name__)
+
+PLUGIN_ID = f"{fff_spec.PLUGIN_NAMESPACE}::{fff_spec.OP_TYPE}"
+# Read by the ONNX parser to find the creator; every other attribute is a plugin field.
+LOOKUP_ATTRIBUTES = ("plugin_namespace", "plugin_version")
+_PY_TYPES = {onnx.AttributeProto.STRING: str, onnx.AttributeProto.INT: int}
+PLUGIN_FIELDS: dict[str, type] = {
+    name: _PY_TYPES[kind] for name, kind in fff_spec.ATTRIBUTE_TYPES.items() if name not in LOOKUP_ATTRIBUTES
+}
+PLUGIN_INPUTS: tuple[str, ...] = fff_spec.INPUT_NAMES
+# int32 kernel arguments between the input pointers and the output pointer, in this order.
+EXTRA_ARGS = ("hidden", "nodes", "leaf_width", "activation", "present")
+# fff_spec.ACTIVATIONS is in the order of cuda/fff_common.h's SlmoptFffActivation enum (tests check it).
+ACTIVATION_IDS = {name: i for i, name in enumerate(fff_spec.ACTIVATIONS)}
+KERNEL_NAMES = {
+    "float32": "slmopt_fff_trt_f32",
+    "float16": "slmopt_fff_trt_f16",
+    "bfloat16": "slmopt_fff_trt_bf16",
+}
+_CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+THREADS = 256  # fff.cu's kThreads
+MAX_SHARED_MEM = 48 * 1024  # dynamic shared memory a kernel gets without an opt-in attribute
+# compute_80 PTX is JIT-compiled by the driver for any Ampere-or-newer GPU (matches ampere+ plans).
+DEFAULT_ARCH = "sm_80"
+_PLACEHOLDER = "slmopt_fff_absent"
+
+
+# ------------------------------------------------------------------------------------------ launch maths
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Grid/block/dynamic shared memory of one plugin launch (ints, or TensorRT shape expressions)."""
+
+    grid: tuple[Any, Any, Any]
+    block: tuple[int, int, int]
+    shared_mem: Any
+
+
+def launch_config(tokens: Any, hidden: int, leaf_width: int) -> LaunchConfig:
+    """Launch geometry of the token kernel: one block per token; x, y (fp32, ``hidden`` each) and the leaf's
+    hidden units (``leaf_width``) live in dynamic shared memory.
+
+    Args:
+        tokens: Tokens (product of x's leading dims): an int, or a symbolic ``trtp.ShapeExpr``.
+        hidden: Hidden size h (static).
+        leaf_width: Neurons per leaf (0 without leaves).
+
+    Raises:
+        ValueError: the shared memory would exceed :data:`MAX_SHARED_MEM` (h above ~6000).
+
+    Example:
+        >>> launch_config(tokens=1, hidden=4096, leaf_width=0).shared_mem
+        32768
+    """
+    shared = (2 * hidden + leaf_width) * 4
+    if shared > MAX_SHARED_MEM:
+        raise ValueError(
+            f"{PLUGIN_ID}: hidden={hidden}, leaf_width={leaf_width} need {shared} B of shared memory per block, "
+            f"more than the {MAX_SHARED_MEM} B the plugin kernel may use; lower with fff_lowering=ops instead"
+        )
+    return LaunchConfig(grid=(tokens, 1, 1), block=(THREADS, 1, 1), shared_mem=shared)
+
+
+def kernel_args(spec: fff_spec.FFFSpec, hidden: int) -> tuple[int, ...]:
+    """The int32 extra kernel arguments (:data:`EXTRA_ARGS`) for one node.
+
+    ``present`` has bit i set when input i of :data:`PLUGIN_INPUTS` is real (not a placeholder).
+
+    Example:
+        >>> kernel_args(fff_spec.FFFSpec(activation="relu", levels=1, has_node_out=True), 16)
+        (16, 1, 0, 3, 15)
+    """
+    present = sum(1 << PLUGIN_INPUTS.index(name) for name in spec.present_inputs())
+    return (hidden, spec.num_nodes, spec.leaf_width, ACTIVATION_IDS[spec.activation], present)
+
+
+# ------------------------------------------------------------------------------------------ ONNX binding
+def bind_plugin_inputs(model: onnx.ModelProto) -> int:
+    """Gives every ``SlmoptFFF`` node all :data:`PLUGIN_INPUTS`, absent ones bound to a placeholder.
+
+    The placeholder is a one-element initializer of the node's weight dtype (``node_w``'s), shared by all
+    nodes. Attributes are left as they are: exactly ``fff_spec``'s.
+
+    Returns:
+        How many plugin nodes the model has.
+
+    Raises:
+        ValueError: a node that ``fff_spec.parse_node`` rejects.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    names = {t.name for t in model.graph.initializer} | {n for node in model.graph.node for n in node.output}
+    placeholders: dict[int, str] = {}
+    count = 0
+    for node in model.graph.node:
+        if (node.domain, node.op_type) != (fff_spec.PLUGIN_DOMAIN, fff_spec.OP_TYPE):
+            continue
+        spec, roles = fff_spec.parse_node(node)
+        count += 1
+        w = inits.get(roles["node_w"])
+        dtype = w.data_type if w is not None else onnx.TensorProto.FLOAT
+        if dtype not in placeholders:
+            name = f"{_PLACEHOLDER}_{onnx.TensorProto.DataType.Name(dtype).lower()}"
+            while name in names:
+                name += "_"
+            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+            tensor = onnx.numpy_helper.from_array(np.zeros(1, np.float32).astype(np_dtype), name)
+            model.graph.initializer.append(tensor)
+            placeholders[dtype] = name
+        bound = [roles.get(role, placeholders[dtype]) for role in PLUGIN_INPUTS]
+        del node.input[:]
+        node.input.extend(bound)
+        log.debug("bound %s %s: real inputs %s", node.op_type, node.name, spec.present_inputs())
+    return count
+
+
+def parse_bound_node(node: onnx.NodeProto) -> tuple[fff_spec.FFFSpec, dict[str, str]]:
+    """Reads a node :func:`bind_plugin_inputs` bound: its spec and role → value name of the real inputs.
+
+    Example:
+        >>> spec = fff_spec.FFFSpec(activation="gelu", levels=2, has_node_out=True)
+        >>> node = onnx.helper.make_node("SlmoptFFF", list("xwbo") + ["p"] * 6, ["y"], **spec.to_attributes())
+        >>> parse_bound_node(node)[1]
+        {'x': 'x', 'node_w': 'w', 'node_b': 'b', 'node_out': 'o'}
+    """
+    if len(node.input) != len(PLUGIN_INPUTS):
+        raise ValueError(
+            f"{node.op_type}: a bound plugin node has {len(PLUGIN_INPUTS)} inputs, got {len(node.input)}"
+        )
+    spec = fff_spec.FFFSpec.from_attributes(node.attribute)
+    roles = dict(zip(PLUGIN_INPUTS, node.input, strict=True))
+    return spec, {role: roles[role] for role in spec.present_inputs()}
+
+
+def plugin_report(model: onnx.ModelProto, arch: str) -> list[dict[str, Any]]:
+    """The manifest's ``plugins`` entry for a bound model (empty when it has no plugin nodes)."""
+    nodes = [
+        n for n in model.graph.node if (n.domain, n.op_type) == (fff_spec.PLUGIN_DOMAIN, fff_spec.OP_TYPE)
+    ]
+    if not nodes:
+        return []
+    specs = [parse_bound_node(n)[0] for n in nodes]
+    return [
+        {
+            "id": PLUGIN_ID,
+            "name": fff_spec.OP_TYPE,
+            "namespace": fff_spec.PLUGIN_NAMESPACE,
+            "version": fff_spec.PLUGIN_VERSION,
+            "kind": "tensorrt.plugin quickly deployable plugin, AOT (PTX embedded in the plan)",
+            "nodes": len(nodes),
+            "activations": sorted({s.activation for s in specs}),
+            "kernels": sorted(KERNEL_NAMES.values()),
+            "ptx_arch": f"compute_{arch_digits(arch)}",
+            "kernel_source_sha256": hashlib.sha256(_full_source().encode()).hexdigest(),
+        }
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+_KERNEL_TEMPLATE = r"""// Generated by slmopt/backends/tensorrt/plugins.py: TensorRT AOT entry points of slmopt::fff.
+// TensorRT launches one kernel per plugin call with (input pointers..., int32 extras..., output pointer);
+// inputs follow fff_spec.INPUT_NAMES, absent ones are placeholders whose `present` bit is 0. The body is
+// fff.cu's token_kernel (one block per token); warp_sum/warp_dot are fff.cu's, verbatim (tests check).
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "fff_common.h"
+
+namespace slmopt {
+namespace fff {
+namespace {
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;  // every lane holds the same sum (same order on every lane)
+}
+
+template <typename XT, typename T>
+__device__ __forceinline__ float warp_dot(const XT* x, const T* w, int64_t n, int lane) {
+  float acc = 0.f;
+  for (int64_t i = lane; i < n; i += 32) acc += to_float(x[i]) * to_float(w[i]);
+  return warp_sum(acc);
+}
+
+__device__ __forceinline__ const void* real_or_null(const void* ptr, int present, int bit) {
+  return ((present >> bit) & 1) != 0 ? ptr : nullptr;
+}
+
+template <typename T>
+__device__ __forceinline__ void token_block(const SlmoptFffParams& p, int levels, float* smem) {
+  const int64_t h = p.hidden, l = p.leaf_width, t = blockIdx.x;
+  float *xs = smem, *ys = xs + h, *hid = ys + h;  // token, output accumulator, leaf hidden units
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const T* x = static_cast<const T*>(p.x) + t * h;
+  for (int64_t i = threadIdx.x; i < h; i += blockDim.x) {
+    xs[i] = to_float(x[i]);
+    ys[i] = 0.f;
+  }
+  __syncthreads();
+  const T *node_w = static_cast<const T*>(p.node_w), *node_out = static_cast<const T*>(p.node_out);
+  int64_t n = 0;
+  for (int k = 0; k < levels; ++k) {
+    const float z = warp_dot(xs, node_w + n * h, h, lane) + load_or_zero<T>(p.node_b, n);
+    if (node_out != nullptr) {
+      const float a = activate(z, p.activation);
+      for (int64_t i = threadIdx.x; i < h; i += blockDim.x) ys[i] += a * to_float(node_out[n * h + i]);
+    }
+    n = route_step(n, z);
+  }
+  if (p.leaf_w1 != nullptr) {
+    const int64_t leaf = n - p.nodes;
+    const T *w1 = static_cast<const T*>(p.leaf_w1), *wg = static_cast<const T*>(p.leaf_wg);
+    for (int64_t j = warp; j < l; j += warps) {
+      const int64_t row = leaf * l + j;
+      const float u = warp_dot(xs, w1 + row * h, h, lane) + load_or_zero<T>(p.leaf_b1, row);
+      const float v = wg == nullptr ? activate(u, p.activation)
+                                    : activate(warp_dot(xs, wg + row * h, h, lane) +
+                                                   load_or_zero<T>(p.leaf_bg, row), p.activation) * u;
+      if (lane == 0) hid[j] = v;
+    }
+    __syncthreads();
+    const T* w2 = static_cast<const T*>(p.leaf_w2) + leaf * l * h;
+    for (int64_t i = threadIdx.x; i < h; i += blockDim.x) {
+      float acc = ys[i] + load_or_zero<T>(p.leaf_b2, leaf * h + i);
+      for (int64_t j = 0; j < l; ++j) acc += hid[j] * to_float(w2[j * h + i]);  // coalesced over i
+      ys[i] = acc;
+    }
+  }
+  T* y = static_cast<T*>(p.y) + t * h;
+  for (int64_t i = threadIdx.x; i < h; i += blockDim.x) y[i] = from_float<T>(ys[i]);
+}
+
+}  // namespace
+}  // namespace fff
+}  // namespace slmopt
+
+#define SLMOPT_FFF_TRT_ENTRY(NAME, T)                                                                 \
+  extern "C" __global__ void __launch_bounds__(@THREADS@) NAME(@PARAMS@, T* y) {                      \
+    extern __shared__ float smem[];                                                                   \
+    const SlmoptFffParams p{@FIELDS@, y, static_cast<int64_t>(gridDim.x), hidden, nodes, leaf_width,   \
+                            activation};                                                              \
+    slmopt::fff::token_block<T>(p, slmopt::fff::levels_for_nodes(nodes), smem);                       \
+  }
+
+@ENTRIES@
+"""
+
+
+def kernel_source() -> str:
+    """The CUDA translation unit of the plugin's entry points (signatures generated from ``fff_spec``).
+
+    Example:
+        >>> "slmopt_fff_trt_bf16" in kernel_source()
+        True
+    """
+    params = [f"const T* __restrict__ {name}" for name in PLUGIN_INPUTS] + [f"int {a}" for a in EXTRA_ARGS]
+    fields = [
+        name if name in fff_spec.REQUIRED_INPUTS else f"slmopt::fff::real_or_null({name}, present, {i})"
+        for i, name in enumerate(PLUGIN_INPUTS)
+    ]
+    entries = [f"SLMOPT_FFF_TRT_ENTRY({KERNEL_NAMES[d]}, {_CUDA_TYPES[d]})" for d in KERNEL_NAMES]
+    return (
+        _KERNEL_TEMPLATE.replace("@THREADS@", str(THREADS))
+        .replace("@PARAMS@", ", ".join(params))
+        .replace("@FIELDS@", ", ".join(fields))
+        .replace("@ENTRIES@", "\n".join(entries))
+    )
+
+
+def arch_digits(arch: str) -> str:
+    """The SM number of ``"sm_80"``, ``"compute_90"`` or ``"90"`` (``ValueError`` otherwise)."""
+    digits = arch.lower().removeprefix("sm_").removeprefix("compute_")
+    if not digits.isdigit():
+        raise ValueError(f"arch must look like 'sm_80' or '90', got {arch!r}")
+    return digits
+
+
+def _full_source() -> str:
+    """Everything the PTX depends on: the generated unit plus fff_common.h."""
+    deps = (build.SOURCE_DIR / "fff_common.h").read_text()
+    return kernel_source() + deps
+
+
+@functools.cache
+def _nvcc_version(nvcc: str) -> str:
+    return subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
+
+
+def compile_ptx(arch: str = DEFAULT_ARCH, cache_dir: Path | None = None) -> Path:
+    """Compiles the plugin kernels to PTX for ``arch`` with nvcc (cached by source, arch and nvcc version).
+
+    Args:
+        arch: ``"sm_80"``, ``"sm_90"``, ``"90"``...: the PTX virtual architecture (``compute_XX``).
+        cache_dir: Cache folder; default ``$SLMOPT_CACHE/tensorrt_ptx``.
+
+    Returns:
+        Path of the ``.ptx`` file, whose entry points are checked against the calling convention.
+
+    Raises:
+        FileNotFoundError: nvcc is not installed.
+        RuntimeError: nvcc failed, or the PTX entry points do not have the expected parameters.
+
+    Example:
+        >>> ptx = compile_ptx("sm_90")  # doctest: +SKIP
+    """
+    nvcc = build.find_nvcc()
+    if nvcc is None:
+        raise FileNotFoundError(
+            f"nvcc not found: the {PLUGIN_ID} plugin compiles its kernel to PTX at build time"
+        )
+    sm = arch_digits(arch)
+    key = hashlib.sha256((_full_source() + sm + _nvcc_version(nvcc)).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) if cache_dir is not None else build.cache_dir() / "tensorrt_ptx"
+    out = folder / f"slmopt_fff_trt_sm{sm}_{key}.ptx"
+    if out.is_file():
+        return out
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / f"slmopt_fff_trt_{key}.cu"
+    source.write_text(kernel_source())
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    # build.nvcc_command holds the project's nvcc flags for fff.cu; only the translation unit differs.
+    cmd = build.nvcc_command(f"sm_{sm}", tmp, ptx=True)
+    cmd[cmd.index(str(build.SOURCE_DIR / "fff.cu"))] = str(source)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"nvcc failed compiling the {PLUGIN_ID} kernel for sm_{sm}:\n{proc.stdout}\n{proc.stderr}"
+        )
+    _check_entries(tmp.read_text())
+    tmp.replace(out)  # atomic: a concurrent build never reads a half-written file
+    return out
+
+
+def ptx_entry_params(ptx: str) -> dict[str, list[str]]:
+    """Parameter types (``.u64``, ``.u32``...) of every ``.entry`` in PTX text.
+
+    Example:
+        >>> ptx_entry_params(".visible .entry k(\\n .param .u64 k_param_0,\\n .param .u32 k_param_1\\n)")
+        {'k': ['.u64', '.u32']}
+    """
+    out = {}
+    for match in re.finditer(r"\.entry\s+(\w+)\s*\((.*?)\)", ptx, re.S):
+        out[match.group(1)] = re.findall(r"\.param\s+(\.\w+)", match.group(2))
+    return out
+
+
+def _check_entries(ptx: str) -> None:
+    want = [".u64"] * len(PLUGIN_INPUTS) + [".u32"] * len(EXTRA_ARGS) + [".u64"]
+    entries = ptx_entry_params(ptx)
+    for name in KERNEL_NAMES.values():
+        if entries.get(name) != want:
+            raise RuntimeError(f"PTX entry {name} has parameters {entries.get(name)}, expected {want}")
+
+
+@functools.cache
+def _ptx_bytes(arch: str) -> bytes:
+    return compile_ptx(arch).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ registration
+def describe_signature(tensor_desc: type) -> inspect.Signature:
+    """The ``@trtp.register`` signature: every input as ``tensor_desc``, then the plugin fields.
+
+    Built from ``fff_spec`` so the plugin cannot drift from the ONNX node; ``tensor_desc`` is
+    ``trtp.TensorDesc`` in practice (tests pass a stand-in class).
+    """
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter(n, kind, annotation=tensor_desc) for n in PLUGIN_INPUTS]
+    params += [inspect.Parameter(n, kind, annotation=t) for n, t in PLUGIN_FIELDS.items()]
+    return inspect.Signature(params, return_annotation=tensor_desc)
+
+
+def _aot_signature(trtp: Any) -> inspect.Signature:
+    base = describe_signature(trtp.TensorDesc)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    extra = [
+        inspect.Parameter("outputs", kind, annotation=tuple[trtp.TensorDesc]),
+        inspect.Parameter("tactic", kind, annotation=int),
+    ]
+    ret = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]
+    return inspect.Signature([*base.parameters.values(), *extra], return_annotation=ret)
+
+
+def _with_signature(fn: Callable[..., Any], sig: inspect.Signature, name: str) -> Callable[..., Any]:
+    fn.__signature__ = sig  # type: ignore[attr-defined]  # inspect.signature honours it (QDP validation)
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+def _spec_of(attrs: Sequence[Any]) -> fff_spec.FFFSpec:
+    values = dict(zip(PLUGIN_FIELDS, attrs, strict=True))
+    clean = {k: v.rstrip("\0") if isinstance(v, str) else int(v) for k, v in values.items()}
+    return fff_spec.FFFSpec.from_attributes(clean)
+
+
+def _static(dim: Any) -> int | None:
+    if isinstance(dim, int):
+        return dim
+    if not dim.is_fake and dim.is_constant:
+        return int(dim.constant_value())
+    return None
+
+
+_REGISTERED: set[int] = set()  # ids of the tensorrt.plugin modules the plugin is registered with
+_SETTINGS = {"arch": DEFAULT_ARCH}  # read at build time by aot_impl; the latest register() call wins
+
+
+def register(arch: str = DEFAULT_ARCH, trtp: Any = None, trt: Any = None) -> bool:
+    """Registers ``slmopt::SlmoptFFF`` with ``tensorrt.plugin`` (once per process; call before parsing).
+
+    Args:
+        arch: PTX architecture the AOT implementation compiles for (nvcc must exist where plans are
+            built, not where they run).
+        trtp: The ``tensorrt.plugin`` module (default: imported); tests pass a stand-in.
+        trt: The ``tensorrt`` module (default: imported).
+
+    Returns:
+        True if this call registered the plugin, False if it already was.
+
+    Example:
+        >>> register()  # doctest: +SKIP
+        True
+    """
+    if trtp is None or trt is None:
+        import tensorrt as trt
+        import tensorrt.plugin as trtp
+    arch_digits(arch)
+    _SETTINGS["arch"] = arch
+    if id(trtp) in _REGISTERED:
+        return False
+    dtypes: Mapping[Any, str] = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}
+    n_in, n_attr = len(PLUGIN_INPUTS), len(PLUGIN_FIELDS)
+
+    def describe(*args: Any, **attrs: Any) -> Any:
+        return args[0].like()  # fff_spec.FFFSpec.output_shape: y is shaped and typed like x
+
+    def aot_impl(*args: Any) -> tuple[str, bytes, Any, Any]:
+        descs, attrs = args[:n_in], args[n_in : n_in + n_attr]
+        spec, x = _spec_of(attrs), descs[0]
+        if x.dtype not in dtypes:
+            raise ValueError(
+                f"{PLUGIN_ID}: dtype {x.dtype} unsupported; supported: {fff_spec.SUPPORTED_DTYPES}"
+            )
+        hidden = _static(x.shape_expr[-1]) or _static(descs[1].shape_expr[1])  # x's last dim, else node_w's
+        if hidden is None:
+            raise ValueError(f"{PLUGIN_ID}: the hidden size must be static")
+        # ShapeExpr has * but no reflected ops, so fold from the first leading dim (1 for a 1-D x).
+        tokens = functools.reduce(operator.mul, list(x.shape_expr)[:-1]) if x.ndim > 1 else 1
+        cfg = launch_config(tokens, hidden, spec.leaf_width)
+        params = trtp.KernelLaunchParams()
+        params.grid_x, params.grid_y, params.grid_z = cfg.grid
+        params.block_x, params.block_y, params.block_z = cfg.block
+        params.shared_mem = cfg.shared_mem
+        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in kernel_args(spec, hidden)])
+        return KERNEL_NAMES[dtypes[x.dtype]], _ptx_bytes(_SETTINGS["arch"]), params, extra
+
+    trtp.register(PLUGIN_ID)(
+        _with_signature(describe, describe_signature(trtp.TensorDesc), "slmopt_fff_desc")
+    )
+    trtp.aot_impl(PLUGIN_ID)(_with_signature(aot_impl, _aot_signature(trtp), "slmopt_fff_aot_impl"))
+    _REGISTERED.add(id(trtp))
+    log.info("registered TensorRT plugin %s (AOT, PTX for compute_%s)", PLUGIN_ID, arch_digits(arch))
+    return True
