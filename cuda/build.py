@@ -131,7 +131,7 @@ def load_cpu_extension(verbose: bool = False) -> str:
 def compile_host_library(out_dir: Path, compiler: str = "c++") -> Path:
     """Compiles fff_common.h's per-token functions for the host into a shared library (no torch).
 
-    The library exports ``int slmopt_fff_host_forward_f32(const SlmoptFffParams*)``; the tests call it
+    The library exports ``int slmopt_fff_host_forward_{f32,f16}(const SlmoptFffParams*)``; the tests call it
     through ctypes to check the CUDA kernels' per-token math on a machine without a GPU.
 
     Args:

@@ -4,7 +4,7 @@
 // plain C++ compiler (as inline host functions), so the routing step, the activations and the naive
 // per-token walk are literally the same source on both sides. Compiling this header as a translation
 // unit with -DSLMOPT_FFF_HOST_API (see build.py: compile_host_library) also emits an extern "C" host
-// entry point, slmopt_fff_host_forward_f32, that the tests call through ctypes.
+// entry points, slmopt_fff_host_forward_f32/_f16, that the tests call through ctypes.
 //
 // Op semantics (x [T, h], N = 2^L - 1 routing nodes, E = 2^L leaves of width l):
 //   n = 0; for k < L: z = node_w[n].x + node_b[n]; y += act(z) * node_out[n] (if given);
@@ -106,6 +106,10 @@ SLMOPT_HD float to_float(float v) { return v; }
 #ifdef __CUDACC__
 SLMOPT_HD float to_float(__half v) { return __half2float(v); }
 SLMOPT_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+#elif defined(SLMOPT_FFF_HOST_API)
+// Host twin of __half for the host build: GCC's _Float16 has the same IEEE binary16 storage as
+// torch.float16, so the tests can hand it fp16 tensors directly.
+SLMOPT_HD float to_float(_Float16 v) { return static_cast<float>(v); }
 #endif
 
 template <typename T>
@@ -275,12 +279,20 @@ inline int check_args(const at::Tensor& x, const at::Tensor& node_w, const at::T
 #endif  // SLMOPT_WITH_TORCH
 
 #ifdef SLMOPT_FFF_HOST_API
-// Host build of the per-token functions above (fp32 in, fp32 out); returns an SlmoptFffStatus.
-extern "C" int slmopt_fff_host_forward_f32(const SlmoptFffParams* p) {
+// Host build of the per-token functions above; returns an SlmoptFffStatus. Inputs are fp32 or fp16
+// (_Float16); the output is always fp32, accumulated in fp32 exactly as the CUDA kernels do.
+template <typename T>
+static int slmopt_fff_host_forward(const SlmoptFffParams* p) {
   const int status = slmopt::fff::validate(*p);
   if (status != SLMOPT_FFF_OK) return status;
   float* y = static_cast<float*>(p->y);
-  for (int64_t t = 0; t < p->tokens; ++t) slmopt::fff::token_forward<float>(*p, t, y + t * p->hidden);
+  for (int64_t t = 0; t < p->tokens; ++t) slmopt::fff::token_forward<T>(*p, t, y + t * p->hidden);
   return SLMOPT_FFF_OK;
+}
+extern "C" int slmopt_fff_host_forward_f32(const SlmoptFffParams* p) {
+  return slmopt_fff_host_forward<float>(p);
+}
+extern "C" int slmopt_fff_host_forward_f16(const SlmoptFffParams* p) {
+  return slmopt_fff_host_forward<_Float16>(p);
 }
 #endif

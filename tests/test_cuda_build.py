@@ -96,15 +96,16 @@ def expected(x: torch.Tensor, p: dict, act: str) -> tuple[torch.Tensor, torch.Te
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build.compile_host_library(tmp_path_factory.mktemp("fffhost"))))
-    lib.slmopt_fff_host_forward_f32.restype = ctypes.c_int
-    lib.slmopt_fff_host_forward_f32.argtypes = [ctypes.POINTER(Params)]
+    for entry in (lib.slmopt_fff_host_forward_f32, lib.slmopt_fff_host_forward_f16):
+        entry.restype = ctypes.c_int
+        entry.argtypes = [ctypes.POINTER(Params)]
     return lib
 
 
 def host_forward(
     lib: ctypes.CDLL, x: torch.Tensor, p: dict, act: str, nodes: int | None = None
 ) -> tuple[int, torch.Tensor]:
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=torch.float32)  # the host entry points always write fp32
     ptr = {k: (v.data_ptr() if v is not None else None) for k, v in p.items()}
     width = p["leaf_w1"].shape[1] if p["leaf_w1"] is not None else 0
     nodes = p["node_w"].shape[0] if nodes is None else nodes
@@ -118,7 +119,27 @@ def host_forward(
         width,
         ACT_IDS[act],
     )
-    return lib.slmopt_fff_host_forward_f32(ctypes.byref(params)), y
+    entry = lib.slmopt_fff_host_forward_f16 if x.dtype == torch.float16 else lib.slmopt_fff_host_forward_f32
+    return entry(ctypes.byref(params)), y
+
+
+@needs_cxx
+@pytest.mark.parametrize(("design", "act"), [("leaves", "gelu"), ("gated", "silu"), ("ufb", "gelu_tanh")])
+def test_host_build_fp16_inputs(host_lib: ctypes.CDLL, design: str, act: str) -> None:
+    """fp16 storage, fp32 accumulation (as on the GPU): exact vs the reference on the fp16-rounded values,
+    and within a stated 2e-2 of the fp32 model (the cost of storing weights and inputs in fp16)."""
+    p32 = make(h=40, levels=3, width=7, design=design, seed=3)
+    x32 = torch.randn(64, 40, generator=torch.Generator().manual_seed(4))
+    p16 = {k: (v.half() if v is not None else None) for k, v in p32.items()}
+    status, y = host_forward(host_lib, x32.half(), p16, act)
+    assert status == 0
+    rounded = {k: (v.float() if v is not None else None) for k, v in p16.items()}
+    want, margin = expected(x32.half().float(), rounded, act)
+    keep = margin >= 1e-3
+    torch.testing.assert_close(y[keep].double(), want[keep], atol=1e-4, rtol=1e-4)
+    want32, margin32 = expected(x32, p32, act)
+    both = keep & (margin32 >= 1e-2)  # tokens that route the same way in fp16 and fp32
+    torch.testing.assert_close(y[both].double(), want32[both], atol=2e-2, rtol=2e-2)
 
 
 @needs_cxx
