@@ -254,7 +254,7 @@ def compare_latency(
     meta = {"warmup": warmup, "reps": reps, "input_shapes": shapes, "order": "round-robin, rotating start"}
     meta.update(config or {})
     result = BenchResult(samples_ms=samples, max_abs_diff=diffs, config=meta)
-    log.info("latency:\n%s", result.table())
+    log.debug("latency:\n%s", result.table())  # callers print or report the table themselves
     return result
 
 

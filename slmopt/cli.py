@@ -96,13 +96,17 @@ def cmd_list_passes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(listing, indent=2, default=str))
         return 0
+    from slmopt.pipeline import format_value
+
     for entry in listing:
         aliases = f" (aliases: {', '.join(entry['aliases'])})" if entry["aliases"] else ""
         print(f"{entry['name']}{aliases}\n    {entry['summary']}")
+        width = (
+            max((len(o["name"]) + len(format_value(o["default"])) for o in entry["options"]), default=0) + 1
+        )
         for opt in entry["options"]:
-            default = opt["default"]
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            print(f"    {opt['name']}={shown!s:<12} [{opt['type']}] {opt['help']}")
+            setting = f"{opt['name']}={format_value(opt['default'])}"
+            print(f"    {setting:<{width}}  [{opt['type']}] {opt['help']}")
         print()
     return 0
 

@@ -48,6 +48,7 @@ __all__ = [
     "TimePasses",
     "VerifyEach",
     "format_options",
+    "format_value",
     "parse_pipeline",
 ]
 
@@ -129,9 +130,10 @@ def _convert(raw: str, tp: Any, where: str) -> Any:
     raise ValueError(f"{where}: unsupported option type {tp!r}")
 
 
-def _format_value(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """An option value as a pipeline string spells it (lists comma separated, ``true``, ``none``)."""
     if isinstance(value, (tuple, list)):
-        return ",".join(_format_value(v) for v in value)
+        return ",".join(format_value(v) for v in value)
     if isinstance(value, bool):
         return str(value).lower()
     if value is None:
@@ -141,7 +143,7 @@ def _format_value(value: Any) -> str:
 
 def format_options(config: Any) -> str:
     """``{k=v,...}`` for a config dataclass; empty string when it has no options."""
-    items = [f"{f.name}={_format_value(getattr(config, f.name))}" for f in dataclasses.fields(config)]
+    items = [f"{f.name}={format_value(getattr(config, f.name))}" for f in dataclasses.fields(config)]
     return "{" + ",".join(items) + "}" if items else ""
 
 
