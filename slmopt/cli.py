@@ -55,7 +55,10 @@ def _key_values(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--backend-option expects key=value, got {item!r}")
-        out[key] = json.loads(value) if value.lower() in ("true", "false") or value.isdigit() else value
+        lowered = value.lower()
+        out[key] = (
+            lowered == "true" if lowered in ("true", "false") else int(value) if value.isdigit() else value
+        )
     return out
 
 

@@ -116,3 +116,14 @@ def test_method_that_needs_calibration_says_so(tmp_path, capsys, llama_dir):
     )
     _assert_one_clear_line(code, err, "--calib")
     assert not out.exists()
+
+
+def test_backend_options_are_typed_and_validated(tmp_path, capsys):
+    from slmopt.cli import _key_values
+
+    assert _key_values(["external_data=True", "opset=18", "fff_lowering=ops"]) == {
+        "external_data": True, "opset": 18, "fff_lowering": "ops"
+    }  # fmt: skip
+    code, err = _run(capsys, "compile", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o"),
+                     "--backend-option", "external_data")  # fmt: skip
+    _assert_one_clear_line(code, err, "expects key=value")
