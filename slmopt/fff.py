@@ -40,17 +40,7 @@ from slmopt import ops
 __all__ = ["FFF", "OP_PARAMETERS"]
 
 # Parameter names, in the op's argument order after x.
-OP_PARAMETERS = (
-    "node_w",
-    "node_b",
-    "node_out",
-    "leaf_w1",
-    "leaf_b1",
-    "leaf_wg",
-    "leaf_bg",
-    "leaf_w2",
-    "leaf_b2",
-)
+OP_PARAMETERS: tuple[str, ...] = ops.TENSOR_ARGS[1:]
 
 
 class FFF(nn.Module):

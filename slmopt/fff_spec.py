@@ -34,6 +34,8 @@ import onnx
 import onnx.defs
 import onnx.helper
 
+from slmopt.ops import TENSOR_ARGS
+
 __all__ = [
     "ACTIVATIONS",
     "ATTRIBUTE_TYPES",
@@ -58,18 +60,8 @@ PLUGIN_VERSION = "1"
 # Opset version of the custom domain (what the model's opset_import must declare for PLUGIN_DOMAIN).
 DOMAIN_VERSION = 1
 
-INPUT_NAMES: tuple[str, ...] = (
-    "x",
-    "node_w",
-    "node_b",
-    "node_out",
-    "leaf_w1",
-    "leaf_b1",
-    "leaf_wg",
-    "leaf_bg",
-    "leaf_w2",
-    "leaf_b2",
-)
+# The plugin node takes the op's tensors in the op's own order (slmopt.ops.TENSOR_ARGS).
+INPUT_NAMES: tuple[str, ...] = TENSOR_ARGS
 REQUIRED_INPUTS: tuple[str, ...] = ("x", "node_w", "node_b")
 ACTIVATIONS: tuple[str, ...] = ("gelu", "gelu_tanh", "silu", "relu")
 # ONNX type strings the plugin accepts for every input and the output (all inputs share x's dtype).

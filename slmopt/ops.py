@@ -37,6 +37,7 @@ from torch import Tensor
 
 __all__ = [
     "ACTIVATIONS",
+    "TENSOR_ARGS",
     "ensure_native",
     "fff",
     "fff_reference",
@@ -53,9 +54,16 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
 }
 
+# The op's tensor arguments in schema order: the one place their order is written down (the module,
+# the ONNX lowerings and the TensorRT plugin all follow it).
+TENSOR_ARGS: tuple[str, ...] = (
+    "x", "node_w", "node_b", "node_out", "leaf_w1", "leaf_b1", "leaf_wg", "leaf_bg", "leaf_w2", "leaf_b2"
+)  # fmt: skip
+_REQUIRED = {"x", "node_w", "node_b"}
 _SCHEMA = (
-    "fff(Tensor x, Tensor node_w, Tensor node_b, Tensor? node_out, Tensor? leaf_w1, Tensor? leaf_b1, "
-    "Tensor? leaf_wg, Tensor? leaf_bg, Tensor? leaf_w2, Tensor? leaf_b2, str activation) -> Tensor"
+    "fff("
+    + ", ".join(f"Tensor{'' if name in _REQUIRED else '?'} {name}" for name in TENSOR_ARGS)
+    + ", str activation) -> Tensor"
 )
 _LIB = torch.library.Library("slmopt", "FRAGMENT")
 _LIB.define(_SCHEMA)
