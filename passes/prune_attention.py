@@ -134,29 +134,16 @@ def _call(graph: fx.Graph, mode: Any, op: Any, *args: fx.Node) -> fx.Node:
     return node
 
 
-def _erase_dead(graph: fx.Graph, start: fx.Node) -> None:
-    """Erases ``start`` and every producer left without users.
-
-    ``eliminate_dead_code`` keeps ops tagged nondeterministic-seeded (SDPA, dropout) even when nothing
-    reads them; export graphs are functional, so an op whose value nobody reads is dead here.
-    """
-    stack = [start]
-    while stack:
-        node = stack.pop()
-        if node.users or node.op in ("placeholder", "output") or node.graph is not graph:
-            continue
-        inputs = node.all_input_nodes
-        graph.erase_node(node)
-        stack.extend(inputs)
-
-
 def _remove_sublayer(program: Program, sub: Sublayer, recovery: Recovery | None, tag: str) -> None:
-    """Rewires the sublayer's residual add to its stream (+ recovery); the branch becomes dead code."""
+    """Rewires the sublayer's residual add to its stream (+ recovery); the branch becomes dead code.
+
+    ``program.recompile()`` (called once after all removals) drops the dead branch and its weights.
+    """
     graph = program.graph
     add, stream = next(n for n in graph.nodes if n.name == sub.residual_add), sub.stream(graph)
     if recovery is None:
         add.replace_all_uses_with(stream)
-        _erase_dead(graph, add)
+        graph.erase_node(add)
         return
     x, mode = sub.input_node(graph), _fake_mode(graph)
     dtype = stream.meta["val"].dtype if "val" in stream.meta else torch.float32
@@ -178,7 +165,7 @@ def _remove_sublayer(program: Program, sub: Sublayer, recovery: Recovery | None,
         new = graph.call_function(aten.add.Tensor, (stream, y))
     new.meta = dict(add.meta)  # same value shape/dtype and module hints as the add it replaces
     add.replace_all_uses_with(new)
-    _erase_dead(graph, add)
+    graph.erase_node(add)
 
 
 # ----------------------------------------------------------------------------------------------- costs

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
-from tqdm.auto import tqdm
+
+from slmopt.calibration import CALIB_BATCH, stream_activations
 
 if TYPE_CHECKING:
     from slmopt.program import Program
@@ -36,7 +37,6 @@ aten = torch.ops.aten
 
 # Calibration rows per forward: bounds activation memory (8 sequences of 2k tokens is a few hundred MB
 # for a 7B-class model) while keeping per-call overhead low.
-CALIB_BATCH = 8
 
 # Which argument of a matmul-like op carries the activation (the others are the weight and bias).
 _ACTIVATION_ARG: dict[Any, int] = {
@@ -136,40 +136,6 @@ def dataflow_groups(graph: fx.Graph, nodes: Iterable[str]) -> list[list[str]]:
     return [[n.name for n in group] for group in groups]
 
 
-class _Done(Exception):
-    """Raised inside the interpreter once every watched input has been accumulated."""
-
-
-class _StatsInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watch: dict[str, InputStats]) -> None:
-        super().__init__(gm, garbage_collect_values=True)
-        self.watch = watch
-        self.pending: set[str] = set()
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        stats = self.watch.get(n.name)
-        if stats is not None:
-            stats.add(out)
-            self.pending.discard(n.name)
-            if not self.pending:
-                raise _Done  # nothing downstream is needed: skip the rest of the model
-        return out
-
-    def collect(self, *inputs: torch.Tensor) -> None:
-        self.pending = set(self.watch)
-        try:
-            self.run(*inputs)
-        except _Done:
-            return
-        if self.pending:
-            raise ValueError(f"calibration run never reached nodes {sorted(self.pending)}")
-
-
-def _batches(calib: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [calib[i : i + batch_size] for i in range(0, len(calib), batch_size)]
-
-
 def collect_input_stats(
     program: Program,
     nodes: Sequence[str],
@@ -203,8 +169,7 @@ def collect_input_stats(
         raise ValueError(f"nodes not in the graph: {missing}")
     owner = {name: activation_node(by_name[name]).name for name in nodes}
     watch = {act: InputStats() for act in owner.values()}
-    interp = _StatsInterpreter(program.graph_module, watch)
-    with torch.no_grad():
-        for batch in tqdm(_batches(calib, batch_size), desc=desc, disable=not progress, leave=False):
-            interp.collect(batch)
+    for values in stream_activations(program, list(watch), calib, batch_size, progress, desc):
+        for act, value in values.items():
+            watch[act].add(value)
     return {name: watch[act] for name, act in owner.items()}

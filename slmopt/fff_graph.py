@@ -20,6 +20,8 @@ import torch
 from torch import fx
 
 import slmopt.ops  # noqa: F401 - registers torch.ops.slmopt.fff
+from slmopt.calibration import stream_activations
+from slmopt.fff import OP_PARAMETERS
 
 if TYPE_CHECKING:
     from slmopt.analysis import FFNInfo
@@ -45,26 +47,6 @@ _ACT_OPS: dict[str, tuple[Any, dict[str, Any]]] = {
 }
 
 
-class _Found(Exception):
-    """Stops the interpreter once the watched node has been computed."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        super().__init__()
-        self.value = value
-
-
-class _Capture(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, node: str) -> None:
-        super().__init__(gm, garbage_collect_values=True)
-        self.node = node
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name == self.node:
-            raise _Found(out)
-        return out
-
-
 def collect_branch_inputs(
     program: Program, node: str, calib: torch.Tensor, max_tokens: int, seed: int = 0
 ) -> torch.Tensor:
@@ -84,22 +66,18 @@ def collect_branch_inputs(
         ``[T, h]`` float32 rows, ``T <= max_tokens``.
     """
     gen = torch.Generator().manual_seed(seed)
-    interp = _Capture(program.graph_module, node)
     keep: float | None = None
     chunks: list[torch.Tensor] = []
-    with torch.no_grad():
-        for start in range(0, len(calib), _BATCH):
-            try:
-                interp.run(calib[start : start + _BATCH])
-            except _Found as found:
-                rows = found.value.detach().reshape(-1, found.value.shape[-1]).float()
-            else:
-                raise ValueError(f"calibration run never reached node {node!r}")
-            if keep is None:  # rows per sample are known after the first batch
-                per_sample = rows.shape[0] / len(calib[start : start + _BATCH])
-                keep = min(1.0, max_tokens / max(1.0, per_sample * len(calib)))
-            take = max(1, round(keep * rows.shape[0]))
-            chunks.append(rows[torch.randperm(rows.shape[0], generator=gen)[:take]])
+    for start, values in zip(
+        range(0, len(calib), _BATCH), stream_activations(program, [node], calib, _BATCH), strict=True
+    ):
+        value = values[node]
+        rows = value.detach().reshape(-1, value.shape[-1]).float()
+        if keep is None:  # rows per sample are known after the first batch
+            per_sample = rows.shape[0] / len(calib[start : start + _BATCH])
+            keep = min(1.0, max_tokens / max(1.0, per_sample * len(calib)))
+        take = max(1, round(keep * rows.shape[0]))
+        chunks.append(rows[torch.randperm(rows.shape[0], generator=gen)[:take]])
     x = torch.cat(chunks)
     return x[:max_tokens].clone()
 
@@ -117,22 +95,6 @@ def _param_node(program: Program, target: str, value: torch.Tensor, mode: Any) -
     node = program.graph.get_attr(target)
     node.meta["val"] = mode.from_tensor(program.param(target), static_shapes=True)
     return node
-
-
-def _erase_dead_chain(graph: fx.Graph, start: fx.Node, keep: fx.Node) -> None:
-    """Erases ``start`` and every ancestor left without users (stopping at ``keep`` and placeholders).
-
-    ``eliminate_dead_code`` keeps ops tagged non-deterministic, such as GPT-2's and BERT's eval-mode
-    ``aten.dropout`` right after the down projection, and with it the whole old FFN and its weights.
-    """
-    todo = [start]
-    while todo:
-        node = todo.pop()
-        if node.users or node is keep or node.op in ("placeholder", "output") or node.graph is not graph:
-            continue
-        inputs = list(node.all_input_nodes)
-        graph.erase_node(node)
-        todo.extend(i for i in inputs if i not in todo)
 
 
 def replace_ffn(program: Program, ffn: FFNInfo, tree: FFFTree, prefix: str) -> fx.Node:
@@ -166,11 +128,10 @@ def replace_ffn(program: Program, ffn: FFNInfo, tree: FFFTree, prefix: str) -> f
     with graph.inserting_before(out):
         tensors = [
             param(name, getattr(tree, name))
-            for name in (
-                "node_w", "node_b", "leaf_w1", "leaf_b1", "leaf_wg", "leaf_bg", "leaf_w2", "leaf_b2",
-            )
-        ]  # fmt: skip
-        node_w, node_b, w1, b1, wg, bg, w2, b2 = tensors
+            for name in OP_PARAMETERS
+            if name != "node_out"  # trees converted from an FFN route only; their nodes add nothing
+        ]
+        node_w, node_b, w1, b1, wg, bg, w2, b2 = tensors  # OP_PARAMETERS order, node_out left out
         result = call(FFF_OP, (x, node_w, node_b, None, w1, b1, wg, bg, w2, b2, tree.activation))
         if tree.shared is not None:
             s = tree.shared
@@ -187,7 +148,6 @@ def replace_ffn(program: Program, ffn: FFNInfo, tree: FFFTree, prefix: str) -> f
         if out.meta.get("val") is not None and out.meta["val"].dtype != dtype:
             result = call(aten._to_copy.default, (result,), {"dtype": out.meta["val"].dtype})
     out.replace_all_uses_with(result)
-    _erase_dead_chain(program.graph, out, keep=x)
-    program.recompile()
+    program.recompile()  # the old up/gate/down chain is dead now; recompile drops it and its weights
     log.debug("replaced FFN %s..%s by %s", ffn.branch_input, ffn.branch_output, result.name)
     return result
