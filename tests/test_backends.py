@@ -110,7 +110,7 @@ def test_torch_backend_keeps_custom_ops(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "bert", "tiny"])
 def test_onnxruntime_backend_zoo(name: str, programs: dict[str, Program], tmp_path: Path) -> None:
     program = _program(programs, name)
-    result = get_backend("onnxruntime").lower(program, tmp_path, {})
+    result = get_backend("onnxruntime").lower(program, tmp_path, {"verify": True})
     path = tmp_path / "model.onnx"
     assert result.backend == "onnxruntime"
     assert result.artifacts == {"onnx": "model.onnx"}
