@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from slmopt.errors import UserError
-from slmopt.evaluation import ModelData, evaluate_quality, load_model_data, measure_latency
+from slmopt.evaluation import ModelData, evaluate_quality, load_model_data
 from slmopt.loaders import LoadedModel, load_program
 from slmopt.lowering import MANIFEST, get_backend, resolve_backend_name
 from slmopt.pipeline import (
@@ -42,6 +42,8 @@ from slmopt.report import CompileReport
 __all__ = ["CompileOptions", "CompileResult", "compile"]
 
 log = logging.getLogger(__name__)
+
+_BENCH_SEQ = 128  # tokens per call of the before/after latency measurement in the report
 
 
 @dataclass(frozen=True)
@@ -221,13 +223,6 @@ def _lower_and_verify(
     lowered = backend.lower(program, folder, dict(options.backend_options))
     report.artifacts = dict(lowered.artifacts)
     report.lowering = lowered.metadata
-    engine = backend.load(folder, threads=options.threads)
-    report.parity = _parity(program, engine, data, options.parity_tolerance)
-    report.checks = _artifact_checks(pipeline, report, folder)
-    if data.eval is not None:
-        report.quality = evaluate_quality(original, engine, data, progress=options.progress)
-    if options.bench and loaded.info.kind != "module":
-        report.latency = measure_latency(original, engine, options, progress=options.progress)
     manifest = {
         "backend": lowered.backend,
         "artifacts": lowered.artifacts,
@@ -235,6 +230,20 @@ def _lower_and_verify(
         "model": loaded.info.to_dict(),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    engine = backend.load(folder, threads=options.threads)
+    report.parity = _parity(program, engine, data, options.parity_tolerance)
+    report.checks = _artifact_checks(pipeline, report, folder)
+    if data.eval is not None:
+        report.quality = evaluate_quality(original, engine, data, progress=options.progress)
+    if options.bench and loaded.info.kind != "module":
+        from slmopt.bench import bench_model_vs_compiled  # the same measurement `slmopt bench` makes
+
+        threads = options.threads or torch.get_num_threads()
+        seq = min(_BENCH_SEQ, loaded.info.max_seq_len or _BENCH_SEQ)
+        result = bench_model_vs_compiled(
+            original, folder, threads=threads, seq=seq, progress=options.progress
+        )
+        report.latency = {**result.to_dict(), "table": result.table(), "shape": [1, seq]}
     return dict(lowered.artifacts)
 
 

@@ -377,7 +377,7 @@ def bench_model_vs_compiled(
     with tempfile.TemporaryDirectory(prefix="slmopt-bench-") as tmp:
         if isinstance(original, Program):
             lowering = get_backend(backend)
-            lowering.lower(original, Path(tmp), {"verify": False} if backend == "onnxruntime" else {})
+            lowering.lower(original, Path(tmp), {})
             original = lowering.load(Path(tmp), threads=threads, **_load_options(backend))
         config = {
             "threads": threads,

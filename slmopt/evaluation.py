@@ -3,15 +3,14 @@
 Example:
     >>> # data = load_model_data(program.info, options)    # calibration + eval windows
     >>> # evaluate_quality(program, engine, data)          # {"before": {...}, "after": {...}}
+    (Latency before/after is ``slmopt.bench.bench_model_vs_compiled``, shared with ``slmopt bench``.)
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +25,6 @@ __all__ = [
     "evaluate_quality",
     "load_model_data",
     "load_tokenizer",
-    "measure_latency",
     "quality_of",
 ]
 
@@ -117,24 +115,3 @@ def evaluate_quality(original: Program, engine: Callable, data: ModelData, progr
     before = quality_of(original, data, progress)
     after = quality_of(engine, data, progress)
     return {"before": before, "after": after, "eval_windows": int(data.eval.tokens.shape[0])}
-
-
-def measure_latency(
-    original: Program, engine: Callable, options: Any, progress: bool = True, batch: int = 1, seq: int = 128
-) -> dict:
-    """Original vs compiled latency, both lowered to the same backend and run side by side."""
-    from slmopt.bench import compare_latency
-    from slmopt.lowering import get_backend
-
-    seq = min(seq, original.info.max_seq_len or seq)
-    gen = torch.Generator().manual_seed(0)
-    inputs = (torch.randint(0, original.info.vocab_size or 2, (batch, seq), generator=gen),)
-    backend = get_backend(options.backend)
-    with tempfile.TemporaryDirectory(prefix="slmopt-bench-") as tmp:
-        backend.lower(original, Path(tmp), dict(options.backend_options))
-        baseline = backend.load(Path(tmp), threads=options.threads)
-        result = compare_latency({"original": baseline, "compiled": engine}, inputs, progress=progress)
-    out = result.to_dict()
-    out["table"] = result.table()
-    out["shape"] = [batch, seq]
-    return out
