@@ -29,7 +29,9 @@ from typing import Any, Literal, get_args
 import torch
 from torch import fx
 
+from slmopt import distributed
 from slmopt.analysis import Structure, analyze
+from slmopt.calibration import CALIB_BATCH
 from slmopt.importance import IMPORTANCE_METRICS, Sublayer, Unit, removal_curve, stream_activations, units_of
 from slmopt.metrics import cross_entropy_nats, predicted_tokens, summarize_quality
 from slmopt.pass_base import Change, Pass, PassResult, register_pass
@@ -112,9 +114,14 @@ def _fit(program: Program, subs: Sequence[Sublayer], calib: torch.Tensor | None,
     pairs = {s.residual_add: (s.input_node(program.graph).name, s.branch_output) for s in subs}
     stats = {name: BranchStats(gram) for name in pairs}
     nodes = sorted({n for pair in pairs.values() for n in pair})
-    for acts in stream_activations(program, nodes, calib, desc=f"recovery ({recover})"):
+    shard = distributed.shard_rows(calib, align=CALIB_BATCH)  # this rank's rows; sums reduced below
+    for acts in stream_activations(program, nodes, shard, desc=f"recovery ({recover})"):
         for name, (x, y) in pairs.items():
             stats[name].add(acts[x], acts[y])
+    for name in sorted(stats):  # same order on every rank: collectives must match one to one
+        for key in sorted(stats[name].sums):
+            distributed.all_reduce_sum(stats[name].sums[key])
+        stats[name].n = int(distributed.all_reduce_floats([stats[name].n])[0])
     return {name: fit(stats[name], rank) for name in pairs}
 
 

@@ -2,7 +2,9 @@
 
 For every watched linear the collector accumulates the Gram matrix ``G = Σ xxᵀ`` of its input rows in
 float64 (``‖X_j‖² = G_jj`` for Wanda, ``H = 2G/N`` for SparseGPT, ``tr(ΔGΔᵀ)`` for the output error), batch
-by batch, so activations are never all held at once. The interpreter stops as soon as every watched input
+by batch, so activations are never all held at once. Under ``torch.distributed`` each rank streams its own
+block of calibration rows and the Grams and counts are all-reduced, so every rank holds the statistics of
+the whole calibration set (:mod:`slmopt.distributed`). The interpreter stops as soon as every watched input
 has been seen, so collecting statistics for block ``b`` only runs the graph up to block ``b``.
 
 Example:
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
+from slmopt import distributed
 from slmopt.calibration import CALIB_BATCH, stream_activations
 
 if TYPE_CHECKING:
@@ -65,8 +68,22 @@ class InputStats:
         rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
         if self.gram is None:
             self.gram = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
-        self.gram.addmm_(rows.T, rows)
+        # One batch's Gram, then one add (not addmm_ into the running sum): the running sum is then a plain
+        # sum of per-batch Grams, which a 2-rank all-reduce reproduces bit for bit (see reduce()).
+        self.gram += rows.T @ rows
         self.count += rows.shape[0]
+
+    def reduce(self) -> InputStats:
+        """Sums ``gram`` and ``count`` over ranks (identity in one process); returns ``self``.
+
+        With batch-aligned shards every rank's Gram is a sum of the same per-batch Grams the single
+        process adds, so only the association of that sum changes (exact for 2 ranks with 1 batch each).
+        """
+        if distributed.is_distributed():
+            count = torch.tensor([float(self.count)], dtype=torch.float64)
+            distributed.all_reduce_sum(self._gram())
+            self.count = int(distributed.all_reduce_sum(count).item())
+        return self
 
     def _gram(self) -> torch.Tensor:
         if self.gram is None:
@@ -169,7 +186,11 @@ def collect_input_stats(
         raise ValueError(f"nodes not in the graph: {missing}")
     owner = {name: activation_node(by_name[name]).name for name in nodes}
     watch = {act: InputStats() for act in owner.values()}
-    for values in stream_activations(program, list(watch), calib, batch_size, progress, desc):
+    # Each rank streams its batch-aligned block of the rows; the sums are all-reduced before use.
+    shard = distributed.shard_rows(calib, align=batch_size)
+    for values in stream_activations(program, list(watch), shard, batch_size, progress, desc):
         for act, value in values.items():
             watch[act].add(value)
+    for act in sorted(watch):  # same order on every rank: collectives must match one to one
+        watch[act].reduce()
     return {name: watch[act] for name, act in owner.items()}

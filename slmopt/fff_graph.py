@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 import slmopt.ops  # noqa: F401 - registers torch.ops.slmopt.fff
+from slmopt import distributed
 from slmopt.calibration import stream_activations
 from slmopt.fff import OP_PARAMETERS
 
@@ -68,17 +69,27 @@ def collect_branch_inputs(
     gen = torch.Generator().manual_seed(seed)
     keep: float | None = None
     chunks: list[torch.Tensor] = []
-    for start, values in zip(
-        range(0, len(calib), _BATCH), stream_activations(program, [node], calib, _BATCH), strict=True
-    ):
-        value = values[node]
-        rows = value.detach().reshape(-1, value.shape[-1]).float()
-        if keep is None:  # rows per sample are known after the first batch
-            per_sample = rows.shape[0] / len(calib[start : start + _BATCH])
+    # Under torch.distributed each rank runs only its block of batches but draws every batch's sample
+    # permutation, so the gathered rows equal the single-process sample exactly (and every rank fits the
+    # same tree from them).
+    first, stop = distributed.shard_bounds(len(calib), _BATCH)
+    mine = stream_activations(program, [node], distributed.shard_rows(calib, _BATCH), _BATCH)
+    for start in range(0, len(calib), _BATCH):
+        rows = None
+        if first <= start < stop:
+            value = next(mine)[node]
+            rows = value.detach().reshape(-1, value.shape[-1]).float()
+        if keep is None:  # rows per sample are known after the first batch (rank 0 runs it)
+            per_sample = distributed.rank0_decides(
+                None if rows is None else rows.shape[0] / len(calib[start : start + _BATCH])
+            )
             keep = min(1.0, max_tokens / max(1.0, per_sample * len(calib)))
-        take = max(1, round(keep * rows.shape[0]))
-        chunks.append(rows[torch.randperm(rows.shape[0], generator=gen)[:take]])
-    x = torch.cat(chunks)
+        count = round(per_sample * len(calib[start : start + _BATCH]))
+        take = max(1, round(keep * count))
+        perm = torch.randperm(count, generator=gen)[:take]
+        if rows is not None:
+            chunks.append(rows[perm])
+    x = distributed.all_gather_rows(torch.cat(chunks))
     return x[:max_tokens].clone()
 
 

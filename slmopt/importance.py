@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from slmopt import distributed
 from slmopt.calibration import CALIB_BATCH, GraphRunner, calib_batches, stream_activations
 
 if TYPE_CHECKING:
@@ -216,11 +217,13 @@ def cosine_importance(
     sums = [0.0] * len(units)
     count = 0
     nodes = sorted({n for pair in pairs for n in pair})
-    for acts in stream_activations(program, nodes, calib, batch_size, progress, "importance (cosine)"):
+    shard = distributed.shard_rows(calib, align=batch_size)  # this rank's rows; sums reduced below
+    for acts in stream_activations(program, nodes, shard, batch_size, progress, "importance (cosine)"):
         for i, (a, b) in enumerate(pairs):
             cos = F.cosine_similarity(acts[a].double(), acts[b].double(), dim=-1)
             sums[i] += float(cos.sum())
         count += acts[pairs[0][0]].shape[:-1].numel()
+    *sums, count = distributed.all_reduce_floats([*sums, count])
     return [1.0 - s / count for s in sums]
 
 
@@ -239,12 +242,14 @@ def _leave_one_out(
     runners = [ablated(program, u.replacements(program.graph)) for u in units]
     sums = [0.0] * len(units)
     count = 0
-    for batch in calib_batches(calib, batch_size, progress, desc):
+    shard = distributed.shard_rows(calib, align=batch_size)  # this rank's rows; sums reduced below
+    for batch in calib_batches(shard, batch_size, progress, desc):
         ref = program(batch).double()
         for i, run in enumerate(runners):
             total, count_b = per_batch(ref, run(batch).double(), batch)
             sums[i] += total
         count += count_b
+    *sums, count = distributed.all_reduce_floats([*sums, count])
     return [s / max(count, 1) for s in sums]
 
 
