@@ -153,5 +153,7 @@ class TorchBackend(Backend):
             raise ValueError(f"{out_dir} has no {PROGRAM_FILE}; was it lowered with the torch backend?")
         # Archives that call slmopt::* ops can only be deserialised once the ops are registered.
         import_custom_ops()
-        exported = torch.export.load(str(path))
+        from slmopt.safe_load import safe_export_load  # plain torch.export.load may unpickle arbitrary code
+
+        exported = safe_export_load(path)
         return TorchEngine(exported.module(), threads=threads, source=str(path))

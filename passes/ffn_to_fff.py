@@ -109,8 +109,12 @@ class FFNToFFF(Pass):
             default="lstsq", metadata={"help": "closed-form leaf output refit after routing"}
         )
         distill_steps: int = field(default=300, metadata={"help": "local distillation steps per layer"})
-        distill_seconds: float = field(
-            default=120.0, metadata={"help": "distillation time budget across all layers"}
+        distill_seconds: float | None = field(
+            default=None,
+            metadata={
+                "help": "distillation time budget across all layers; none = unlimited (distill_steps "
+                "binds, results are deterministic). A binding budget makes results machine-dependent"
+            },
         )
         lr: float = field(default=1e-3, metadata={"help": "distillation learning rate (Adam)"})
         lowering: Literal["moe", "ops", "plugin"] = field(
@@ -129,7 +133,7 @@ class FFNToFFF(Pass):
             for name in ("shared", "distill_steps"):
                 if getattr(self, name) < 0:
                     raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-            if self.distill_seconds < 0:
+            if self.distill_seconds is not None and self.distill_seconds < 0:
                 raise ValueError(f"distill_seconds must be >= 0, got {self.distill_seconds}")
             if not self.lr > 0:
                 raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -194,7 +198,8 @@ class FFNToFFF(Pass):
         report = self.new_report(program)
         calib = ctx.require_calib(self.name)
         targets = self._targets(program)
-        budget = self.config.distill_seconds
+        # No time budget by default: a binding wall-clock limit would make the result depend on machine load.
+        budget = math.inf if self.config.distill_seconds is None else self.config.distill_seconds
         rows: list[dict[str, Any]] = []
         dense_weights = read_weights = 0.0
         for k, ffn in enumerate(targets):

@@ -16,6 +16,7 @@ Every error is a ``ValueError`` that names the file.
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,12 @@ def _load_array(path: Path) -> torch.Tensor:
                 raise ValueError(f"unsupported array dtype {arr.dtype}")
             return torch.from_numpy(np.ascontiguousarray(arr))
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message is a paragraph about weights_only; one line that says what happened is enough.
+        raise ValueError(
+            f"cannot read array file {path}: refusing to load it: it holds pickled objects other than "
+            "tensors, which could run code (only weights_only pickles are read; use .npy)"
+        ) from exc
     except ValueError as exc:
         raise ValueError(f"cannot read array file {path}: {exc}") from exc
     except Exception as exc:  # torch/numpy raise many types (UnpicklingError, EOFError, RuntimeError)

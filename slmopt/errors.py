@@ -6,7 +6,7 @@ is wrapped in :class:`PassError`, which names the pass and the passes that ran b
 
 from __future__ import annotations
 
-__all__ = ["PassError", "UserError"]
+__all__ = ["DistributedError", "PassError", "UserError"]
 
 
 class UserError(ValueError):
@@ -28,3 +28,7 @@ class PassError(RuntimeError):
         self.pass_name = pass_name
         self.before = list(before)
         self.cause = cause
+
+
+class DistributedError(RuntimeError):
+    """A multi-process run failed: a rank died, timed out, or could not join (one-line message)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import pickle
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,14 @@ from torch import nn
 
 from slmopt.errors import UserError
 from slmopt.program import ModelInfo, Program, capture
+from slmopt.safe_load import (
+    UNSAFE_PICKLE,
+    check_loading_info,
+    check_safetensors,
+    check_shapes_before_loading,
+    first_line,
+    safe_export_load,
+)
 
 __all__ = ["HiddenOnly", "LoadedModel", "LogitsOnly", "load_model", "load_program", "model_files"]
 
@@ -78,17 +87,6 @@ def _token_inputs(vocab_size: int, seed: int = 0) -> tuple[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------ Hugging Face folder
-def _check_safetensors(files: list[Path]) -> None:
-    from safetensors import SafetensorError, safe_open
-
-    for f in files:
-        try:
-            with safe_open(str(f), "pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError) as err:
-            raise UserError(f"corrupt safetensors file {f}: {err}") from None
-
-
 def _is_causal_lm(config: Any) -> bool:
     archs = getattr(config, "architectures", None) or []
     if archs:
@@ -120,18 +118,37 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     pickles = sorted(path.glob("pytorch_model*.bin"))
     if not weights and not pickles:
         raise UserError(f"{path} has a config.json but no weights (*.safetensors or pytorch_model.bin)")
-    _check_safetensors(weights)
+    check_safetensors(weights)
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, KeyError, OSError) as err:
-        raise UserError(f"{config_path}: not a configuration transformers can read: {err}") from None
+    except Exception as err:  # noqa: BLE001 - transformers/huggingface_hub raise many types for bad configs
+        raise UserError(
+            f"{config_path}: not a configuration transformers can read: {first_line(err)}"
+        ) from None
     causal = _is_causal_lm(config)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    if weights:
+        check_shapes_before_loading(path, config, auto, weights)
+    verbosity = transformers.utils.logging.get_verbosity()
     try:
+        # Our own check below replaces transformers' multi-line load report.
+        transformers.utils.logging.set_verbosity_error()
         # transformers reads .bin checkpoints with torch.load(weights_only=True); safetensors preferred.
-        model = auto.from_pretrained(path, local_files_only=True, use_safetensors=bool(weights), dtype=dtype)
+        model, loading = auto.from_pretrained(
+            path,
+            local_files_only=True,
+            use_safetensors=bool(weights),
+            dtype=dtype,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported by _check_loading_info with the names
+        )
+    except pickle.UnpicklingError:
+        raise UserError(UNSAFE_PICKLE.format(path=pickles[0] if pickles else path)) from None
     except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"cannot load the model in {path}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load the model in {path}: {first_line(err)}") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    check_loading_info(path, loading)
     model.eval()
     vocab = int(config.vocab_size)
     has_tokenizer = any((path / name).is_file() for name in _TOKENIZER_FILES)
@@ -178,12 +195,7 @@ def _exported_dynamic_dims(
 
 
 def _load_pt2(path: Path) -> LoadedModel:
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as err:  # noqa: BLE001 - any failure here means "not a valid .pt2"
-        raise UserError(
-            f"{path} is not a loadable torch.export program: {str(err).splitlines()[0]}"
-        ) from None
+    ep = safe_export_load(path)
     args = ep.example_inputs[0] if ep.example_inputs else None
     if not args:
         raise UserError(f"{path} carries no example inputs; re-save it with torch.export.save")
@@ -286,7 +298,9 @@ def load_program(spec: str | Path | nn.Module) -> tuple[Program, LoadedModel]:
     """Loads and captures a model in one step (used by compile, inspect, eval and bench)."""
     loaded = load_model(spec)
     try:
-        program = capture(loaded.module, loaded.example_inputs, loaded.info)
+        # A module loaded from a path is private to this call: the Program may share its storage.
+        private = not isinstance(spec, nn.Module)
+        program = capture(loaded.module, loaded.example_inputs, loaded.info, copy_params=not private)
     except Exception as err:  # noqa: BLE001 - export failures have long messages; keep the first line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot capture {loaded.info.source} with torch.export: {first}") from err

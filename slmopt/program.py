@@ -216,7 +216,9 @@ def _set_training(module: nn.Module, training: bool) -> None:
         module.train(training)
 
 
-def capture(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], info: ModelInfo) -> Program:
+def capture(
+    module: nn.Module, example_inputs: tuple[torch.Tensor, ...], info: ModelInfo, copy_params: bool = True
+) -> Program:
     """Captures ``module`` into a Program with ``torch.export`` (non-strict, dynamic batch and sequence).
 
     The user's module is never modified: export traces it, and the Program owns the resulting graph
@@ -226,11 +228,15 @@ def capture(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], info: M
         module: the model; it must return a tensor or a tuple whose first item is the output tensor.
         example_inputs: sample inputs (at least 2 along every dynamic axis).
         info: loader metadata; ``info.dynamic_dims`` says which axes are dynamic.
+        copy_params: copy the parameters (default). Loaders pass False for a module they built
+            themselves and hand to no one else: the copy would double peak memory for nothing.
 
     Returns:
         The captured Program.
     """
-    was_training = module.training
+    # Restore each submodule's own mode: a fresh wrapper (LogitsOnly) is in train mode while the model it
+    # wraps is in eval mode, and ``train(True)`` on the wrapper would switch the user's model to training.
+    modes = {m: m.training for m in module.modules()}
     _set_training(module, False)
     try:
         with torch.no_grad():
@@ -238,10 +244,12 @@ def capture(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], info: M
                 module, example_inputs, dynamic_shapes=_dynamic_shapes(info, example_inputs), strict=False
             )
     finally:
-        _set_training(module, was_training)
+        for m, training in modes.items():
+            m.training = training
     gm = ep.module()
     # The unlifted module shares storage with the user's parameters; copy so rewrites never leak back.
-    gm = copy.deepcopy(gm)
+    if copy_params:
+        gm = copy.deepcopy(gm)
     for p in gm.parameters():
         p.requires_grad_(False)
     return Program(graph_module=gm, example_inputs=tuple(example_inputs), info=info)

@@ -1,0 +1,99 @@
+"""Peak/current RSS of one ``slmopt.compile`` call, stage by stage (load, passes, lowering, ORT load, parity).
+
+Usage::
+
+    python benchmarks/memory_stages.py                                   # GPT-2-small shape, empty pipeline
+    python benchmarks/memory_stages.py --passes "mask-2to4{method=magnitude}" \\
+        --backend-option external_data=true --backend-option generation=false
+
+Wraps the compile stages of :mod:`slmopt.api` in this process and prints ``VmHWM`` (peak) and ``VmRSS``
+(current) in GB after each, to show where copies of the weights are held. The model is saved by a child
+process first so this process's peak is the compile's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+def _status_gb() -> tuple[float, float]:
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value
+    return int(fields["VmHWM"].split()[0]) / 1e6, int(fields["VmRSS"].split()[0]) / 1e6
+
+
+def mark(tag: str) -> None:
+    hwm, rss = _status_gb()
+    print(f"[{time.strftime('%X')}] {tag:<24} peak {hwm:5.2f} GB   now {rss:5.2f} GB", flush=True)
+
+
+def _wrap(owner: Any, name: str) -> None:
+    real = getattr(owner, name)
+
+    @functools.wraps(real)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        mark(f"> {name}")
+        result = real(*args, **kwargs)
+        mark(f"< {name}")
+        return result
+
+    setattr(owner, name, wrapper)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layers", type=int, default=12, help="GPT-2 layers (12 = GPT2Config defaults)")
+    parser.add_argument("--passes", default="", help="pipeline (default: empty)")
+    parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    mark("start")
+    import slmopt.api as api
+    from slmopt.cli import _key_values
+    from slmopt.pipeline import PassManager
+
+    mark("imports")
+    with tempfile.TemporaryDirectory(prefix="slmopt-stages-") as tmp:
+        model, calib = Path(tmp) / "model", Path(tmp) / "calib.npy"
+        build = (
+            "import torch, transformers; torch.manual_seed(0); "
+            f"transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer={args.layers}))"
+            f".save_pretrained({str(model)!r})"
+        )
+        subprocess.run([sys.executable, "-c", build], check=True, capture_output=True)
+        np.save(calib, np.random.default_rng(0).integers(0, 50257, size=(16, 128)))
+        for name in ("load_program", "load_model_data", "_lower_and_verify", "_parity", "_replace"):
+            _wrap(api, name)
+        _wrap(PassManager, "run")
+        real_get = api.get_backend
+
+        def get_backend(name: str) -> Any:
+            backend = real_get(name)
+            _wrap(backend, "lower")
+            _wrap(backend, "load")
+            return backend
+
+        api.get_backend = get_backend
+        api.compile(str(model), args.passes, output_dir=Path(tmp) / "out", calib=str(calib), seq_len=128,
+                    num_samples=16, bench=False, progress=False, threads=1,
+                    backend_options=_key_values(args.backend_option))  # fmt: skip
+    mark("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
