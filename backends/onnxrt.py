@@ -69,9 +69,10 @@ ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"
 DEFAULT_OPSET = 18  # torchlib's native opset; 18-22 verified with ORT 1.31, 23 is not (see module doc)
 MAX_IR_VERSION = 13  # the newest IR version ONNX Runtime 1.31 loads
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which they go to model.onnx.data
+# Weights above this go to model.onnx.data: no serialised in-memory copy of them during export.
+EXTERNAL_DATA_THRESHOLD = 64 << 20
 OUTPUT_NAMES = {"causal-lm": "logits", "encoder": "last_hidden_state", "module": "output"}
-_OPTIONS = {"opset", "external_data", "optimize", "verify"}
+_OPTIONS = {"opset", "external_data", "optimize", "verify", "generation"}
 # Hints for custom-op lowerings (see slmopt.backends.onnx_fff); they override the Program's own hints.
 _HINTS = {"fff_lowering", "fff_routing", "fff_moe_exact"}
 _NUMPY_DTYPES = {
@@ -137,6 +138,7 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
         "external_data": None if external is None else bool(external),
         "optimize": bool(options.get("optimize", True)),
         "verify": None if verify is None else bool(verify),
+        "generation": None if options.get("generation") is None else bool(options["generation"]),
     }
 
 
@@ -148,6 +150,7 @@ def export_onnx(
     external_data: bool | None = None,
     optimize: bool = True,
     hints: Mapping[str, Any] | None = None,
+    output_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Exports a Program to an ONNX file that ONNX Runtime 1.31 loads, and validates it.
 
@@ -158,6 +161,7 @@ def export_onnx(
         external_data: weights in a separate file; None decides by size (> 1 GiB).
         optimize: run the exporter's ONNX optimizer (constant folding, redundancy elimination).
         hints: custom-op lowering hints (``fff_lowering``...); default: the Program's ``lowering_hints``.
+        output_names: names of the graph outputs; default: one output named after the model kind.
 
     Returns:
         Metadata: opset, ir_version, external_data, input/output names, op histogram, file sizes.
@@ -186,7 +190,7 @@ def export_onnx(
         (),
         dynamo=True,
         input_names=input_names or None,
-        output_names=[output_name],
+        output_names=list(output_names or [output_name]),
         # For an ExportedProgram the exporter only uses string dims to rename the symbolic axes.
         dynamic_shapes=_axis_names(program, exported),
         opset_version=opset,
@@ -397,7 +401,11 @@ class OnnxRuntimeBackend(Backend):
             options: ``opset`` (int, default 18), ``external_data`` (bool; default: by size),
                 ``optimize`` (bool, default True), ``verify`` (bool, default False: run once in ORT on
                 the example inputs and record ``max_abs_diff`` vs the Program; ``slmopt.compile`` does
-                not need it, as it checks parity on the loaded engine at two shapes itself).
+                not need it, as it checks parity on the loaded engine at two shapes itself),
+                ``generation`` (bool; default: on for causal LMs, skipped with a warning when the model
+                cannot get a KV cache; ``true`` makes that an error): also write ``decoder.onnx`` with an
+                explicit KV cache, ``genai_config.json`` and ``tokenizer/`` (see
+                :mod:`slmopt.backends.onnx_generation`).
 
         Returns:
             ``artifacts`` ``{"onnx": "model.onnx"}`` (+ ``"onnx_data"``) and the export metadata.
@@ -423,6 +431,14 @@ class OnnxRuntimeBackend(Backend):
         if opts["verify"]:
             metadata["max_abs_diff"] = _verify(program, path)
             log.info("ONNX vs Program on the example inputs: max |diff| = %.3g", metadata["max_abs_diff"])
+        from slmopt.backends.onnx_generation import maybe_lower_generation
+
+        generation = maybe_lower_generation(
+            program, out_dir, opts, {k: v for k, v in options.items() if k in _HINTS}
+        )
+        if generation is not None:
+            artifacts.update(generation[0])
+            metadata["generation"] = generation[1]
         return LoweringResult(backend=self.name, artifacts=artifacts, metadata=metadata)
 
     def load(

@@ -107,13 +107,18 @@ def test_torch_backend_keeps_custom_ops(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- onnxruntime
+CACHED = {"gpt2", "llama", "qwen2"}  # zoo causal LMs whose attention is scaled_dot_product_attention
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "bert", "tiny"])
 def test_onnxruntime_backend_zoo(name: str, programs: dict[str, Program], tmp_path: Path) -> None:
     program = _program(programs, name)
     result = get_backend("onnxruntime").lower(program, tmp_path, {"verify": True})
     path = tmp_path / "model.onnx"
     assert result.backend == "onnxruntime"
-    assert result.artifacts == {"onnx": "model.onnx"}
+    # Causal LMs with SDPA attention also get the KV-cache decoder (slmopt.backends.onnx_generation).
+    decoder = {"decoder": "decoder.onnx", "genai_config": "genai_config.json"} if name in CACHED else {}
+    assert result.artifacts == {"onnx": "model.onnx", **decoder}
     assert not (tmp_path / "model.onnx.data").exists()
 
     onnx.checker.check_model(str(path), full_check=True)

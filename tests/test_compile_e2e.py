@@ -69,7 +69,10 @@ def test_compile_hf_folders(tmp_path, capsys, ids_file, name):
     assert masked >= 6
     # The checker's verdict, re-derived independently from the saved file.
     assert _nm_ok_along_reduction(onnx.load(out / "model.onnx")) >= 1
-    assert {p.name for p in out.iterdir()} == {"model.onnx", "report.json", "report.md", "slmopt.json"}
+    # Causal LMs also get the KV-cache decoder for `slmopt generate` (slmopt.backends.onnx_generation).
+    files = {"model.onnx", "report.json", "report.md", "slmopt.json"}
+    files |= {"decoder.onnx", "genai_config.json"} if name != "bert" else set()
+    assert {p.name for p in out.iterdir()} == files
 
 
 def test_compile_pt2_and_eval(tmp_path, capsys, ids_file):
