@@ -59,6 +59,8 @@ BUILTIN_PASSES: dict[str, PassSpec] = {
     "mask-2to4": PassSpec("slmopt.passes.mask_2to4:Mask2to4", ("sparsity",)),
     "prune-attn": PassSpec("slmopt.passes.prune_attention:PruneAttention", ("prune",)),
     "fff": PassSpec("slmopt.passes.ffn_to_fff:FFNToFFF", ("ffn-to-fff",)),
+    "elastic": PassSpec("slmopt.passes.elastic:Elastic", ("subnets",)),
+    "distill": PassSpec("slmopt.passes.distill:Distill", ()),
 }
 
 _REGISTRY: dict[str, type[Pass]] = {}
@@ -101,6 +103,8 @@ class PassReport:
 class PassResult:
     program: Program
     report: PassReport
+    # Fan-out (e.g. elastic subnets): named programs the rest of the pipeline runs on, one result each.
+    variants: dict[str, Program] = field(default_factory=dict)
 
 
 class Pass(ABC):

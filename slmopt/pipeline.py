@@ -212,6 +212,8 @@ def parse_pipeline(text: str) -> Pipeline:
         pass_cls = get_pass_class(name)
         raw = _parse_options(rest[:-1], pass_cls.name) if rest else {}
         passes.append(pass_cls(build_config(pass_cls, raw)))
+    if not passes:  # e.g. "," — its printed form "" would not parse back
+        raise ValueError(f"empty pipeline {text!r}: give at least one pass (see `slmopt list-passes`)")
     _validate_order(passes)
     return Pipeline(passes)
 
@@ -341,10 +343,22 @@ class PassManager:
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
+        # Fan-out results: {variant name: (program, reports of the passes after the fan-out)}.
+        self.variants: dict[str, tuple[Program, list[PassReport]]] = {}
 
-    def run(self, program: Program, ctx: PassContext) -> tuple[Program, list[PassReport]]:
-        work = program.clone()
-        if ctx.reference is None:
+    def run(
+        self, program: Program, ctx: PassContext, in_place: bool = False
+    ) -> tuple[Program, list[PassReport]]:
+        """Runs every pass; a pass returning ``variants`` fans out (see :attr:`variants`).
+
+        After a fan-out the remaining passes run on each variant (with the same context, minus the
+        instruments, whose files would collide) and ``run`` returns the fanning pass's own program.
+        ``in_place=True`` rewrites ``program`` itself instead of a copy (no reference model is kept):
+        for callers that own the Program and compare nothing against the original, it halves peak memory.
+        """
+        self.variants = {}
+        work = program if in_place else program.clone()
+        if ctx.reference is None and not in_place:
             ctx.reference = program
         reports: list[PassReport] = []
         done: list[str] = []
@@ -371,4 +385,17 @@ class PassManager:
             work.history.append(report.to_dict())
             reports.append(report)
             done.append(p.name)
+            if result.variants:
+                self._fan_out(result.variants, report, index, ctx)
+                break
         return work, reports
+
+    def _fan_out(
+        self, variants: dict[str, Program], report: PassReport, index: int, ctx: PassContext
+    ) -> None:
+        rest = Pipeline(self.pipeline.passes[index + 1 :])
+        quiet = dataclasses.replace(ctx, instruments=[])
+        for name, variant in variants.items():
+            variant.history.append(report.to_dict())
+            log.info("variant %s: running %s", name, str(rest) or "(no further passes)")
+            self.variants[name] = PassManager(rest).run(variant, quiet) if rest.passes else (variant, [])

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["bar_chart", "line_chart"]
+__all__ = ["bar_chart", "line_chart", "scatter_chart"]
 
 log = logging.getLogger(__name__)
 
@@ -115,4 +115,36 @@ def line_chart(
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
+    return _save(plt, fig, path)
+
+
+def scatter_chart(
+    path: str | Path,
+    xs: Sequence[float],
+    ys: Sequence[float],
+    labels: Sequence[str],
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+) -> Path | None:
+    """Writes a labelled scatter PNG joined in x order (a Pareto view); returns its path or None.
+
+    Example:
+        >>> scatter_chart("out/pareto.png", [0.1, 0.2], [2.4, 2.1], ["0.5", "1"])  # doctest: +SKIP
+        PosixPath('out/pareto.png')
+    """
+    if not len(xs) == len(ys) == len(labels):
+        raise ValueError(f"{len(xs)} x, {len(ys)} y and {len(labels)} labels")
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ax.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", linestyle=":")
+    for x, y, label in zip(xs, ys, labels, strict=True):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
     return _save(plt, fig, path)

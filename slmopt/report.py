@@ -47,6 +47,7 @@ class CompileReport:
     checks: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     lowering: dict[str, Any] = field(default_factory=dict)
+    subnets: list[dict[str, Any]] = field(default_factory=list)  # fan-out runs: one row per subnet
     seconds: float = 0.0
     versions: dict[str, str] = field(default_factory=tool_versions)
 
@@ -87,6 +88,8 @@ class CompileReport:
             rows = p.get("metrics", {}).get("layers")
             if rows:
                 lines += ["", f"### {p['name']}: per layer", "", *_table(rows)]
+        if self.subnets:
+            lines += ["", "## Subnets", "", *_subnet_table(self.subnets)]
         if self.parity:
             lines += ["", "## Parity (engine vs transformed torch program)", "", *_kv(self.parity)]
         if self.checks:
@@ -135,4 +138,21 @@ def _quality(quality: dict[str, Any]) -> list[str]:
         b, a = before.get(k), after.get(k)
         change = f"{100 * (a - b) / b:+.2f} %" if isinstance(a, float) and isinstance(b, float) and b else ""
         out.append(f"| {k} | {_fmt(b)} | {_fmt(a)} | {change} |")
+    return out
+
+
+def _subnet_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Quality before/after distillation = after elastic / final engine (bits/byte, else nats/token)."""
+    out = [
+        "| budget | params | fraction | FLOPs/token | ms/token | quality (elastic) | quality (final) | distilled "
+        "| parity | folder |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        flops = f"{r['flops_per_token']:,}" if isinstance(r["flops_per_token"], int) else r["flops_per_token"]
+        cells = [r["budget"], f"{r['params']:,}", r["fraction"], flops, r["ms_per_token"]]
+        cells += [r["quality_elastic"], r["quality_final"], r["distilled"], r["parity_max_abs_diff"]]
+        out.append("| " + " | ".join(_fmt(c) for c in cells) + f" | `{r['folder']}/` |")
+    out += ["", "Chosen plans (blocks kept, KV groups and FFN neurons per block):", ""]
+    out += [f"- {r['budget']}: blocks {r['blocks']}, groups {r['kv_groups']}, ffn {r['ffn']}" for r in rows]
     return out
