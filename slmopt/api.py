@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -23,7 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from slmopt.errors import UserError
+from slmopt import distributed
+from slmopt.atomic import disk_full_error, recover_stale
+from slmopt.errors import PassError, UserError
 from slmopt.evaluation import ModelData, evaluate_quality, load_model_data
 from slmopt.loaders import LoadedModel, load_program
 from slmopt.lowering import MANIFEST, get_backend, resolve_backend_name
@@ -67,7 +70,9 @@ class CompileOptions:
     bench: bool = True
     parity_tolerance: float = 1e-4
     progress: bool = True
+    replay: str | None = None  # report.json of an earlier elastic run: reuse its decisions, no scoring
     backend_options: dict[str, Any] = field(default_factory=dict)
+    distributed: bool | None = None  # None: join torch.distributed when torchrun set WORLD_SIZE > 1
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -85,12 +90,15 @@ class CompileResult:
     report: CompileReport
     artifacts: dict[str, Path]
     output_dir: Path | None
+    # Fan-out pipelines (elastic): {name: (program, pass reports after the fan-out)}.
+    variants: dict[str, Any] = field(default_factory=dict)
 
 
 def _check_output(options: CompileOptions, model: Any) -> Path | None:
     if options.output_dir is None:
         return None
     out = Path(options.output_dir).expanduser().resolve()
+    recover_stale(out)  # before the exists check: a SIGKILLed --force swap may have parked the old output
     if out.exists() and not options.force:
         raise UserError(f"output folder {out} exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
@@ -139,6 +147,8 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
     if unknown:
         raise TypeError(f"compile() got unknown options {unknown}; valid: {', '.join(sorted(valid))}")
     pipeline = passes if isinstance(passes, Pipeline) else parse_pipeline(passes) if passes else Pipeline()
+    if kwargs.get("replay"):
+        pipeline = _replay_pipeline(pipeline, kwargs["replay"])
     options = CompileOptions(
         passes=str(pipeline), output_dir=str(output_dir) if output_dir is not None else None, **kwargs
     )
@@ -149,20 +159,32 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
     if options.threads:
         torch.set_num_threads(options.threads)
 
+    distributed.join(options.distributed)  # torchrun's process group, if asked for or launched so
     program, loaded = load_program(model)
     data = load_model_data(loaded.info, options)
-    with _staging(out) as staging:
+    with _staging(out if distributed.is_main() else None) as staging:  # only rank 0 writes
         ctx = PassContext(
             calib=data.calib,
             seed=options.seed,
             threads=options.threads,
             backend=resolve_backend_name(options.backend),
-            progress=options.progress,
+            progress=options.progress and distributed.is_main(),
             instruments=_instruments(options),
             extras={"tokenizer": data.tokenizer, "eval_tokens": data.eval, "artifact_dir": staging},
         )
         torch.manual_seed(options.seed)
-        transformed, pass_reports = PassManager(pipeline).run(program, ctx)
+        try:
+            manager = PassManager(pipeline)
+            params_before = program.num_params()
+            transformed, pass_reports = manager.run(
+                program, ctx, in_place=not _needs_original(options, pipeline)
+            )
+        except PassError as err:  # a dead peer: say so in one line, not as a failure of the pass
+            if isinstance(err.cause, distributed.DistributedError):
+                raise err.cause from None
+            raise
+        # Every rank must have finished the passes before rank 0 commits anything (others then return).
+        distributed.barrier("the final status exchange")
         for inst in ctx.instruments:
             if isinstance(inst, TimePasses):
                 log.info("pass timings:\n%s", inst.table())
@@ -172,11 +194,22 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             backend=ctx.backend,
             model=loaded.info.to_dict() | {"config": None},
             passes=[r.to_dict() for r in pass_reports],
-            params_before=program.num_params(),
+            params_before=params_before,
             params_after=transformed.num_params(),
         )
         artifacts: dict[str, Path] = {}
-        if staging is not None and out is not None:
+        if staging is not None and out is not None and manager.variants:
+            _write_subnets(program, manager, pass_reports, loaded, data, options, report, staging)
+            report.seconds = time.perf_counter() - started
+            report.write(staging)
+            _replace(staging, out)
+            artifacts = {row["budget"]: out / row["folder"] for row in report.subnets}
+        elif staging is not None and out is not None:
+            if data.eval is None and not options.bench:
+                # Nothing compares against the original any more: release it (and the loaded module that
+                # shares its weights) so that lowering does not run with two copies of the model in memory.
+                program = loaded.module = ctx.reference = None
+                gc.collect()
             lowered = _lower_and_verify(
                 program, transformed, pipeline, loaded, data, options, report, staging
             )
@@ -185,7 +218,81 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             _replace(staging, out)
             artifacts = {name: out / rel for name, rel in lowered.items()}
     report.seconds = time.perf_counter() - started
-    return CompileResult(program=transformed, report=report, artifacts=artifacts, output_dir=out)
+    out = out if distributed.is_main() else None
+    return CompileResult(
+        program=transformed, report=report, artifacts=artifacts, output_dir=out, variants=manager.variants
+    )
+
+
+# Passes that compare against the untouched input (ctx.reference): distillation's teacher.
+_PASSES_NEEDING_ORIGINAL = frozenset({"distill"})
+
+
+def _needs_original(options: CompileOptions, pipeline: Pipeline) -> bool:
+    """Whether anything after (or during) the passes reads the original Program.
+
+    When nothing does, the pipeline rewrites the loaded Program in place instead of a copy, so a compile
+    never holds two copies of the model's weights (the loader's Program is private to this call).
+    """
+    uses = (
+        options.eval is not None,  # quality before/after
+        options.bench,  # latency before/after
+        options.verify_each,  # max |diff| vs the original after each pass
+        any(p.name in _PASSES_NEEDING_ORIGINAL for p in pipeline.passes),
+    )
+    return any(uses)
+
+
+def _replay_pipeline(pipeline: Pipeline, path: str) -> Pipeline:
+    """The pipeline of an earlier run (unless one is given) with ``elastic{replay=path}`` set."""
+    from dataclasses import replace
+
+    try:
+        recorded = json.loads(Path(path).expanduser().read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read replay report {path}: {err}") from None
+    if not pipeline.passes:
+        pipeline = parse_pipeline(recorded.get("pipeline", ""))
+    elastic = [p for p in pipeline.passes if p.name == "elastic"]
+    if not elastic:
+        raise UserError("--replay needs an elastic pass in the pipeline")
+    elastic[0].config = replace(elastic[0].config, replay=str(Path(path).expanduser().resolve()))
+    return pipeline
+
+
+def _write_subnets(
+    original: Program,
+    manager: PassManager,
+    pass_reports: list[Any],
+    loaded: LoadedModel,
+    data: ModelData,
+    options: CompileOptions,
+    report: CompileReport,
+    staging: Path,
+) -> None:
+    """Lowers every fan-out variant into ``staging/subnet-<name>/`` and fills the top-level table."""
+    from slmopt.elastic_report import subnet_row, write_pareto
+
+    fanned = pass_reports[-1]
+    for name, (program, reports) in manager.variants.items():
+        folder = staging / f"subnet-{name}"
+        folder.mkdir()
+        sub = CompileReport(
+            pipeline=report.pipeline,
+            source=report.source,
+            backend=report.backend,
+            model=report.model,
+            passes=[r.to_dict() for r in [*pass_reports, *reports]],
+            params_before=report.params_before,
+            params_after=program.num_params(),
+        )
+        _lower_and_verify(original, program, manager.pipeline, loaded, data, options, sub, folder)
+        sub.write(folder)
+        report.subnets.append(subnet_row(name, folder, sub, fanned.metrics, options))
+        if sub.quality and not report.quality:  # the original model's held-out quality, once
+            report.quality = {"before": sub.quality["before"], "after": {}}
+    pareto = write_pareto(report.subnets, staging)
+    report.artifacts = {"pareto": pareto} if pareto else {}
 
 
 @contextmanager
@@ -200,16 +307,19 @@ def _staging(out: Path | None) -> Iterator[Path | None]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(err, out.parent)  # ENOSPC/EDQUOT/EFBIG anywhere in the chain: one clear line
+        if full is not None:
+            raise full from err
         raise
 
 
 def _lower_and_verify(
-    original: Program,
+    original: Program | None,
     program: Program,
     pipeline: Pipeline,
     loaded: LoadedModel,
@@ -232,7 +342,7 @@ def _lower_and_verify(
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     engine = backend.load(folder, threads=options.threads)
     report.parity = _parity(program, engine, data, options.parity_tolerance)
-    report.checks = _artifact_checks(pipeline, report, folder)
+    report.checks = _artifact_checks(pipeline, report, folder, set(program.graph_module.state_dict()))
     if data.eval is not None:
         report.quality = evaluate_quality(original, engine, data, progress=options.progress)
     if options.bench and loaded.info.kind != "module":
@@ -253,7 +363,12 @@ def _replace(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None and not out.exists():
+            old.rename(out)  # e.g. SIGTERM between the renames: put the previous output back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -273,7 +388,9 @@ def _parity(program: Program, engine: Any, data: ModelData, tolerance: float) ->
     return {"max_abs_diff": worst, "tolerance": tolerance, "passed": worst <= tolerance, "shapes": len(diffs)}
 
 
-def _artifact_checks(pipeline: Pipeline, report: CompileReport, folder: Path) -> dict[str, Any]:
+def _artifact_checks(
+    pipeline: Pipeline, report: CompileReport, folder: Path, present: set[str]
+) -> dict[str, Any]:
     """Checks on the written artifacts themselves (the N:M pattern read back from the ONNX file)."""
     checks: dict[str, Any] = {}
     onnx_file = report.artifacts.get("onnx")
@@ -284,7 +401,8 @@ def _artifact_checks(pipeline: Pipeline, report: CompileReport, folder: Path) ->
 
     n, m = masks[0].config.n, masks[0].config.m
     pass_report = next(r for r in report.passes if r["name"] == "mask-2to4")
-    names = [c["target"] for c in pass_report["changes"]]
+    # A later pass may have replaced masked weights (fff swaps the FFN linears for a tree): check the rest.
+    names = [c["target"] for c in pass_report["changes"] if c["target"] in present]
     result = check_nm_onnx(folder / onnx_file, n=n, m=m, names=names)
     expected = [r for r in result.rows if r.expected]
     checks[f"onnx_{n}to{m}"] = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import typing
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from slmopt.errors import PassError, UserError
+from slmopt.errors import DistributedError, PassError, UserError
 
 __all__ = ["main"]
 
@@ -136,7 +137,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         bench=not args.no_bench,
         progress=not args.no_progress,
         backend_options=_key_values(args.backend_option),
+        distributed=args.distributed or None,
+        replay=args.replay,
     )
+    if result.output_dir is None and _env_rank() > 0:
+        return 0  # a non-zero rank of a distributed run: rank 0 prints the report and writes the output
     if not args.quiet:
         print(result.report.to_markdown())
     if result.output_dir is not None:
@@ -152,9 +157,17 @@ def _engine_or_program(target: str, threads: int | None) -> tuple[Callable, Any]
     if path.is_dir() and (path / MANIFEST).is_file():
         from slmopt.program import ModelInfo
 
-        manifest = json.loads((path / MANIFEST).read_text())
-        info = ModelInfo(**manifest["model"])
-        return load_engine(path, threads=threads), info
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            info = ModelInfo(**manifest["model"])
+            return load_engine(path, threads=threads), info
+        except (UserError, ImportError):
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged folder fails in many ways; say which folder
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise UserError(
+                f"{path} is not a usable slmopt output folder ({type(err).__name__}: {first}); recompile it"
+            ) from err
     from slmopt.loaders import load_program
 
     program, _ = load_program(target)
@@ -178,8 +191,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"{flag} expects comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} expects positive integers, got {text!r}")
+    return values
+
+
+def cmd_bench_generation(args: argparse.Namespace) -> int:
+    from slmopt.bench_generation import bench_generation
+
+    result = bench_generation(
+        args.model,
+        args.compiled,
+        threads=args.threads or 1,
+        prompt_lengths=_int_list(args.prompt_lengths, "--prompt-lengths"),
+        batches=_int_list(args.decode_batches, "--decode-batches"),
+        context=args.context,
+        reps=args.reps,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    print(result.table())
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from slmopt.bench import bench_model_vs_compiled
+
+    if args.generation:
+        return cmd_bench_generation(args)
 
     result = bench_model_vs_compiled(
         args.model,
@@ -196,9 +241,70 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UserError(f"--input-ids expects comma-separated integers like 5,17,42, got {text!r}") from None
+    if not ids:
+        raise UserError("--input-ids is empty: give at least one token id")
+    return ids
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from slmopt.generate import Generator, Sampling
+    from slmopt.lowering import MANIFEST
+
+    if args.prompt is not None and not args.prompt:
+        raise UserError("the prompt is empty: give at least one character")
+    knobs = (args.temperature, args.top_k, args.top_p)
+    sampling = Sampling(
+        do_sample=any(k is not None for k in knobs),
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k or 0,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        seed=args.seed,
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    target = Path(args.engine)
+    if target.is_dir() and (target / MANIFEST).is_file():
+        gen = Generator.from_engine(target, threads=args.threads)
+    else:
+        gen = Generator.from_model(args.engine)
+    ids = _parse_ids(args.input_ids) if args.input_ids is not None else gen.encode(args.prompt)
+    if args.print_ids or gen.tokenizer is None:
+        out = gen.generate(ids, args.max_new_tokens, sampling)[0, len(ids) :].tolist()
+        print(",".join(str(i) for i in out))
+        return 0
+    if args.no_stream:
+        out = gen.generate(ids, args.max_new_tokens, sampling)[0, len(ids) :].tolist()
+        print(gen.decode(out))
+        return 0
+    new: list[int] = []
+    printed = ""
+    for token in gen.stream(ids, args.max_new_tokens, sampling):
+        new.append(int(token[0]))
+        text = gen.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(printed) :], end="", flush=True)
+            printed = text
+    print(gen.decode(new)[len(printed) :])
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ parser
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes print one ``slmopt: error:`` line (exit 2) like every other bad input."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"slmopt: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="slmopt",
         description="Compile trained language models into small, fast deployable engines.",
         epilog=EPILOG,
@@ -240,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-passes", action="store_true", help="log a table of pass times")
     p.add_argument("--verify-each", action="store_true", help="record max |diff| before/after each pass")
     p.add_argument("--no-bench", action="store_true", help="skip the before/after latency measurement")
+    p.add_argument("--replay", metavar="REPORT",
+                   help="report.json of an earlier elastic compile: rebuild its subnets with the recorded "
+                   "orders and plans, without re-scoring (the pipeline defaults to the recorded one)")  # fmt: skip
+    p.add_argument("--distributed", action="store_true",
+                   help="share calibration/distillation among the processes torchrun started (automatic "
+                   "when WORLD_SIZE > 1; gloo on CPU, NCCL on GPU); rank 0 writes -o. See "
+                   "docs/DISTRIBUTED.md")  # fmt: skip
     _add_common(p)
     p.set_defaults(func=cmd_compile)
 
@@ -258,9 +371,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=128, help="sequence length (128)")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per engine (20)")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.add_argument("--generation", action="store_true",
+                   help="instead: prefill tokens/s, decode ms/token and KV bytes/token (needs decoder.onnx)")  # fmt: skip
+    p.add_argument("--prompt-lengths", default="128,512,2048", help="--generation: prefill lengths")
+    p.add_argument("--decode-batches", default="1,8", help="--generation: decode batch sizes (1,8)")
+    p.add_argument("--context", type=int, default=128, help="--generation: cached positions in decode (128)")
     _add_common(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate text (or token ids) with an engine's KV-cache decoder",
+        description="Prefill the prompt, then decode one token at a time with the KV cache. ENGINE is an "
+        "slmopt output folder with decoder.onnx (onnxruntime backend, causal LM), or a model (captured, "
+        "given a KV cache and run in torch, for comparison). Greedy unless a sampling flag is given.",
+        epilog="examples:\n  slmopt generate out/ --prompt 'def main(' --max-new-tokens 64\n"
+        "  slmopt generate out/ --input-ids 5,17,42 --print-ids --max-new-tokens 8 --top-k 20 --seed 1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("engine", help="slmopt output folder (with decoder.onnx) or a model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (encoded with the tokenizer saved with the model)")
+    src.add_argument("--input-ids", metavar="IDS", help="prompt as comma-separated token ids, e.g. 5,17,42")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (32)")
+    p.add_argument("--print-ids", action="store_true", help="print generated token ids, not text")
+    p.add_argument("--temperature", type=float, help="sample with this temperature (> 0)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample from the smallest set with this probability mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (0): same seed, same tokens")
+    p.add_argument("--no-stream", action="store_true", help="print the text once at the end")
+    _add_common(p)
+    p.set_defaults(func=cmd_generate)
     return parser
+
+
+def _env_rank() -> int:
+    """torchrun's ``RANK`` of this process (0 when not launched by it): only rank 0 logs and prints."""
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -271,7 +418,9 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    level = (
+        logging.DEBUG if args.debug else logging.WARNING if args.quiet or _env_rank() > 0 else logging.INFO
+    )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
         import torch  # noqa: F401 - torch configures its loggers on import; quiet them afterwards
@@ -294,6 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"slmopt: error: {err} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    except DistributedError as err:
+        if args.debug:
+            raise
+        print(f"slmopt: error: {err}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # Output piped into `head` and closed early: not an error worth a message.
