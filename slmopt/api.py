@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import json
 import logging
@@ -161,6 +163,9 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
 
     distributed.join(options.distributed)  # torchrun's process group, if asked for or launched so
     program, loaded = load_program(model)
+    # The Program now holds the weights (sharing the loader's tensors): drop the eager module, or every
+    # weight a pass replaces would stay alive through it — a second copy of the model during the passes.
+    loaded.module = None
     data = load_model_data(loaded.info, options)
     with _staging(out if distributed.is_main() else None) as staging:  # only rank 0 writes
         ctx = PassContext(
@@ -206,10 +211,10 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             artifacts = {row["budget"]: out / row["folder"] for row in report.subnets}
         elif staging is not None and out is not None:
             if data.eval is None and not options.bench:
-                # Nothing compares against the original any more: release it (and the loaded module that
-                # shares its weights) so that lowering does not run with two copies of the model in memory.
-                program = loaded.module = ctx.reference = None
-                gc.collect()
+                # Nothing compares against the original any more: release it so that lowering does not
+                # run with two copies of the model in memory.
+                program = ctx.reference = None
+            _return_freed_memory()
             lowered = _lower_and_verify(
                 program, transformed, pipeline, loaded, data, options, report, staging
             )
@@ -241,6 +246,17 @@ def _needs_original(options: CompileOptions, pipeline: Pipeline) -> bool:
         any(p.name in _PASSES_NEEDING_ORIGINAL for p in pipeline.passes),
     )
     return any(uses)
+
+
+def _return_freed_memory() -> None:
+    """Collects garbage and hands freed heap pages back to the OS before lowering.
+
+    The passes free many short-lived buffers (activations, Hessians, fitted trees); glibc keeps those pages,
+    so without this the export's own peak lands on top of the passes' high-water mark.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _replay_pipeline(pipeline: Pipeline, path: str) -> Pipeline:

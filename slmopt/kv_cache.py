@@ -253,7 +253,11 @@ def add_kv_cache(
         raise UserError(
             f"a KV cache needs a causal LM (input ids -> logits); this model is {program.info.kind!r}"
         )
-    gm = copy.deepcopy(program.graph_module)
+    # The transform rewrites the graph, never a weight: share the tensors instead of copying them (a second
+    # copy of the weights would double the peak memory of lowering a large model).
+    source = program.graph_module
+    shared = {id(t): t for t in (*source.parameters(), *source.buffers())}
+    gm = copy.deepcopy(source, memo=shared)
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:

@@ -67,7 +67,7 @@ class HiddenOnly(nn.Module):
 
 @dataclass
 class LoadedModel:
-    module: nn.Module
+    module: nn.Module | None  # None once captured: the Program holds the weights
     example_inputs: tuple[torch.Tensor, ...]
     info: ModelInfo
     files: list[Path] = field(default_factory=list)  # input files read (for "never modified" checks)

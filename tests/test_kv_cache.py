@@ -248,3 +248,19 @@ def test_capture_leaves_the_users_model_in_eval_mode() -> None:
     model = build_model("gpt2")  # eval mode; the fresh wrapper around it is in train mode
     capture(LogitsOnly(model), (example_ids(),), ModelInfo(kind="causal-lm", source="t", vocab_size=128))
     assert not any(m.training for m in model.modules())  # dropout stays off for the user
+
+
+def test_transform_shares_weights_and_leaves_the_program_unchanged():
+    program = capture_model("llama")
+    ids = example_ids()
+    before = program(ids).clone()
+    weights = dict(program.graph_module.named_parameters())
+    cached, layout = add_kv_cache(program)
+    # No second copy of the weights (lowering a large model would hold two), and the input is untouched.
+    shared = dict(cached.graph_module.named_parameters())
+    assert all(shared[name] is tensor for name, tensor in weights.items() if name in shared)
+    assert len(shared) > 0
+    assert [n.op for n in program.graph.nodes].count("placeholder") == 1
+    torch.testing.assert_close(program(ids), before, rtol=0, atol=0)
+    logits, *_ = cached.graph_module(ids, *empty_past(layout, ids.shape[0]))
+    torch.testing.assert_close(logits, before, rtol=1e-5, atol=1e-5)
