@@ -9,8 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import json
 import logging
@@ -214,7 +212,7 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
                 # Nothing compares against the original any more: release it so that lowering does not
                 # run with two copies of the model in memory.
                 program = ctx.reference = None
-            _return_freed_memory()
+                gc.collect()
             lowered = _lower_and_verify(
                 program, transformed, pipeline, loaded, data, options, report, staging
             )
@@ -246,17 +244,6 @@ def _needs_original(options: CompileOptions, pipeline: Pipeline) -> bool:
         any(p.name in _PASSES_NEEDING_ORIGINAL for p in pipeline.passes),
     )
     return any(uses)
-
-
-def _return_freed_memory() -> None:
-    """Collects garbage and hands freed heap pages back to the OS before lowering.
-
-    The passes free many short-lived buffers (activations, Hessians, fitted trees); glibc keeps those pages,
-    so without this the export's own peak lands on top of the passes' high-water mark.
-    """
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _replay_pipeline(pipeline: Pipeline, path: str) -> Pipeline:
