@@ -214,8 +214,13 @@ def cmd_bench_generation(args: argparse.Namespace) -> int:
         reps=args.reps,
         progress=not args.no_progress,
     )
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return _print_bench(result, args.json)
+
+
+def _print_bench(result: Any, json_path: str | None) -> int:
+    """Prints a benchmark's table (and writes its JSON when asked): the tail of both bench modes."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     print(result.table())
     return 0
 
@@ -235,10 +240,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         reps=args.reps,
         progress=not args.no_progress,
     )
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    print(result.table())
-    return 0
+    return _print_bench(result, args.json)
 
 
 def _parse_ids(text: str) -> list[int]:

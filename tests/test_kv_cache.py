@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -29,12 +28,7 @@ NEW_TOKENS = 32
 PROMPT = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tinylm_shaped() -> torch.nn.Module:
