@@ -20,11 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tinylm_data import bits_per_byte, load_reference  # benchmarks/ (the script's folder)
 
-from slmopt.data import DataSpec, eval_windows, load_tokens
 from slmopt.elastic_latency import measure_ms_per_token
-from slmopt.loaders import load_program
-from slmopt.metrics import cross_entropy_nats, predicted_tokens, summarize_quality
 from slmopt.pipeline import PassContext, PassManager, parse_pipeline
 from slmopt.program import Program
 
@@ -34,11 +32,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = Path("~/.cache/slmopt/tinylm").expanduser()
 SEQ = 256
 BUDGETS = (0.25, 0.5, 0.75)
-
-
-def _bpb(program: Program, tokens: torch.Tensor) -> float:
-    nats = cross_entropy_nats(program, tokens, progress=False)
-    return summarize_quality(nats, predicted_tokens(tokens), byte_level=True)["bits_per_byte"]
 
 
 def _elastic(program: Program, calib: torch.Tensor, order: str, distill: str) -> tuple[Any, Any]:
@@ -52,14 +45,10 @@ def _elastic(program: Program, calib: torch.Tensor, order: str, distill: str) ->
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    program, _ = load_program(args.model)
-    calib = load_tokens(
-        DataSpec(str(args.model / "calib.txt"), SEQ, args.calib_samples, seed=0), byte_level=True
-    )
-    heldout = eval_windows(args.model / "heldout.txt", SEQ, args.eval_windows, byte_level=True).tokens
+    program, calib, heldout = load_reference(args.model, SEQ, args.calib_samples, args.eval_windows)
     total = program.num_params()
     rows = [{"variant": "original", "budget": 1.0, "params": total, "fraction": 1.0,
-             "bits_per_byte": _bpb(program, heldout), "bits_per_byte_distilled": None,
+             "bits_per_byte": bits_per_byte(program, heldout), "bits_per_byte_distilled": None,
              "ms_per_token": measure_ms_per_token(program, "onnxruntime", args.threads)}]  # fmt: skip
     distill = f"distill{{mode=logits,steps={args.steps},seconds={args.seconds},lr={args.lr}}}"
     for order in ("importance", "random"):
@@ -72,8 +61,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append({
                 "variant": order, "budget": budget, "params": sub.num_params(), "fraction": info["fraction"],
                 "flops_per_token": info["flops_per_token"], "blocks": info["blocks"],
-                "kv_groups": info["kv_groups"], "ffn": info["ffn"], "bits_per_byte": _bpb(sub, heldout),
-                "bits_per_byte_distilled": _bpb(distilled[name][0], heldout) if distilled else None,
+                "kv_groups": info["kv_groups"], "ffn": info["ffn"], "bits_per_byte": bits_per_byte(sub, heldout),
+                "bits_per_byte_distilled": bits_per_byte(distilled[name][0], heldout) if distilled else None,
                 "ms_per_token": measure_ms_per_token(sub, "onnxruntime", args.threads),
             })  # fmt: skip
             log.info("%s %s: %s", order, name, rows[-1])

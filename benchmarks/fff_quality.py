@@ -27,13 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tinylm_data import bits_per_byte, load_reference  # benchmarks/ (the script's folder)
 
 import slmopt.passes.ffn_to_fff  # noqa: F401 - registers the fff pass
-from slmopt.data import DataSpec, eval_windows, load_tokens
-from slmopt.loaders import load_program
-from slmopt.metrics import cross_entropy_nats, predicted_tokens, summarize_quality
 from slmopt.pipeline import PassContext, PassManager, parse_pipeline
-from slmopt.program import Program
 
 __all__ = ["main", "run", "table"]
 
@@ -49,21 +46,12 @@ VARIANTS: dict[str, str] = {
 }
 
 
-def _bpb(program: Program, tokens: torch.Tensor) -> float:
-    nats = cross_entropy_nats(program, tokens, progress=False)
-    return summarize_quality(nats, predicted_tokens(tokens), byte_level=True)["bits_per_byte"]
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Converts tinylm at every depth and variant; returns the JSON-ready result."""
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    program, _ = load_program(args.model)
-    calib = load_tokens(
-        DataSpec(str(args.model / "calib.txt"), SEQ, args.calib_samples, seed=0), byte_level=True
-    )
-    heldout = eval_windows(args.model / "heldout.txt", SEQ, args.eval_windows, byte_level=True).tokens
-    base = _bpb(program, heldout)
+    program, calib, heldout = load_reference(args.model, SEQ, args.calib_samples, args.eval_windows)
+    base = bits_per_byte(program, heldout)
     rows: list[dict[str, Any]] = [
         {"variant": "original", "depth": 0, "active": 1.0, "bits_per_byte": base, "seconds": 0.0}
     ]
@@ -81,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "variant": variant,
                     "depth": depth,
                     "active": layers[0]["active_fraction"],
-                    "bits_per_byte": _bpb(new, heldout),
+                    "bits_per_byte": bits_per_byte(new, heldout),
                     "seconds": round(seconds, 1),
                     "pipeline": reports[0].options,
                     "weights_read_fraction": reports[0].metrics["weights_read_fraction"],

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tinylm_data import bits_per_byte  # benchmarks/ (the script's folder)
 
 import slmopt.passes.prune_attention  # noqa: F401 - registers prune-attn (also listed in BUILTIN_PASSES)
 from slmopt.data import DataSpec, eval_windows, load_tokens
 from slmopt.loaders import load_program
-from slmopt.metrics import cross_entropy_nats, predicted_tokens, summarize_quality
 from slmopt.pipeline import PassContext, PassManager, parse_pipeline
 from slmopt.program import Program
 
@@ -44,11 +44,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = Path("~/.cache/slmopt/tinylm").expanduser()
 SEQ = 256
 RANDOM_DRAWS = 5
-
-
-def _bpb(program: Program, tokens: torch.Tensor) -> float:
-    nats = cross_entropy_nats(program, tokens, progress=False)
-    return summarize_quality(nats, predicted_tokens(tokens), byte_level=True)["bits_per_byte"]
 
 
 def _prune(program: Program, options: str, calib: torch.Tensor, extras: dict[str, Any] | None = None):
@@ -95,7 +90,7 @@ class _Runner:
         recover = next((o.split("=")[1] for o in options.split(",") if o.startswith("recover=")), "none")
         key = (tuple(report.metrics["removed"]), recover, options if recover != "none" else "")
         if key not in self.cache:
-            self.cache[key] = _bpb(new, self.heldout)
+            self.cache[key] = bits_per_byte(new, self.heldout)
         return new, report, self.cache[key]
 
     def row(self, variant: str, removed: Any, bpb: float, params: int, kv: int, **extra: Any) -> None:
