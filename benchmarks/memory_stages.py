@@ -6,9 +6,10 @@ Usage::
     python benchmarks/memory_stages.py --passes "mask-2to4{method=magnitude}" \\
         --backend-option external_data=true --backend-option generation=false
 
-Wraps the compile stages of :mod:`slmopt.api` in this process and prints ``VmHWM`` (peak) and ``VmRSS``
-(current) in GB after each, to show where copies of the weights are held. The model is saved by a child
-process first so this process's peak is the compile's alone.
+Wraps the compile stages of :mod:`slmopt.api` (and each pass) in this process and prints ``VmHWM`` (peak)
+and ``VmRSS`` (current, split into anonymous and file-backed pages: memory-mapped weights count as the
+latter) in GB before and after each, to show where copies of the weights are held. The model is saved by
+a child process first so this process's peak is the compile's alone.
 """
 
 from __future__ import annotations
@@ -27,27 +28,32 @@ import numpy as np
 __all__ = ["main"]
 
 
-def _status_gb() -> tuple[float, float]:
+def _status_gb() -> dict[str, float]:
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
         fields[key] = value
-    return int(fields["VmHWM"].split()[0]) / 1e6, int(fields["VmRSS"].split()[0]) / 1e6
+    return {key: int(fields[key].split()[0]) / 1e6 for key in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
 
 
 def mark(tag: str) -> None:
-    hwm, rss = _status_gb()
-    print(f"[{time.strftime('%X')}] {tag:<24} peak {hwm:5.2f} GB   now {rss:5.2f} GB", flush=True)
+    gb = _status_gb()
+    print(
+        f"[{time.strftime('%X')}] {tag:<28} peak {gb['VmHWM']:5.2f} GB   now {gb['VmRSS']:5.2f} GB "
+        f"(anon {gb['RssAnon']:4.2f}, file-backed {gb['RssFile']:4.2f})",
+        flush=True,
+    )
 
 
-def _wrap(owner: Any, name: str) -> None:
+def _wrap(owner: Any, name: str, label: str | None = None) -> None:
     real = getattr(owner, name)
+    label = label or name
 
     @functools.wraps(real)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        mark(f"> {name}")
+        mark(f"> {label}")
         result = real(*args, **kwargs)
-        mark(f"< {name}")
+        mark(f"< {label}")
         return result
 
     setattr(owner, name, wrapper)
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mark("start")
     import slmopt.api as api
+    import slmopt.pass_base as pass_base
+    import slmopt.pipeline as pipeline_module
     from slmopt.cli import _key_values
     from slmopt.pipeline import PassManager
 
@@ -76,9 +84,26 @@ def main(argv: list[str] | None = None) -> int:
         )
         subprocess.run([sys.executable, "-c", build], check=True, capture_output=True)
         np.save(calib, np.random.default_rng(0).integers(0, 50257, size=(16, 128)))
-        for name in ("load_program", "load_model_data", "_lower_and_verify", "_parity", "_replace"):
+        for name in (
+            "load_program",
+            "load_model_data",
+            "_lower_and_verify",
+            "_parity",
+            "_artifact_checks",
+            "_replace",
+        ):
             _wrap(api, name)
         _wrap(PassManager, "run")
+        real_pass_class = pass_base.get_pass_class
+
+        def get_pass_class(name: str) -> Any:
+            cls = real_pass_class(name)
+            if "call" in vars(cls) and not hasattr(cls.call, "__wrapped__"):
+                _wrap(cls, "call", f"pass {name}")  # one mark before and after each pass
+            return cls
+
+        pass_base.get_pass_class = get_pass_class
+        pipeline_module.get_pass_class = get_pass_class
         real_get = api.get_backend
 
         def get_backend(name: str) -> Any:

@@ -10,7 +10,7 @@ Usage::
 calibration-driven methods, ordered so no pass undoes another (2:4 last: FFF replaces the FFN linears), except that FFF distillation is cut to 20 steps per layer (the step count
 changes run time, not the memory held): ``prune-attn,fff{distill_steps=20},mask-2to4{method=sparsegpt}``,
 calibrated on 16 windows of 128 random token ids, lowered to ONNX Runtime (parity check included, latency
-benchmark skipped). The compile runs in a child process (``python -m slmopt.cli compile``); the peak RSS is
+benchmark skipped unless ``--bench``). The compile runs in a child process (``python -m slmopt.cli compile``); the peak RSS is
 the child's ``ru_maxrss`` (``RUSAGE_CHILDREN``), cross-checked by polling ``/proc/<pid>/status`` VmHWM.
 The model is built and saved by this (parent) process, so its own copy does not count.
 """
@@ -82,6 +82,7 @@ def measure(
     workdir: Path,
     timeout: float,
     backend_options: tuple[str, ...] = (),
+    bench: bool = False,
 ) -> dict[str, Any]:
     """Builds the model, runs the compile in a child process and returns the figures."""
     model_dir = workdir / "model"
@@ -92,8 +93,10 @@ def measure(
     cmd = [
         sys.executable, "-m", "slmopt.cli", "compile", str(model_dir), "--passes", passes,
         "--calib", str(calib), "--seq-len", str(seq), "--num-samples", str(samples),
-        "--threads", str(threads), "--no-bench", "--no-progress", "-q", "-o", str(workdir / "out"),
+        "--threads", str(threads), "--no-progress", "-q", "-o", str(workdir / "out"),
     ]  # fmt: skip
+    if not bench:
+        cmd.append("--no-bench")
     for option in backend_options:
         cmd += ["--backend-option", option]
     started = time.perf_counter()
@@ -115,6 +118,7 @@ def measure(
         "fp32_bytes": fp32,
         "pipeline": passes,
         "backend_options": list(backend_options),
+        "latency_bench": bench,
         "calib": f"{samples}x{seq} token ids",
         "threads": threads,
         "exit_code": proc.returncode,
@@ -139,12 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=7200.0, help="kill the compile after (s)")
     parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to slmopt compile, e.g. external_data=true (repeatable)")  # fmt: skip
+    parser.add_argument("--bench", action="store_true",
+                        help="keep the compile's latency bench (original vs compiled in ORT) on")  # fmt: skip
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="slmopt-mem-") as tmp:
         result = measure(
             args.size, args.passes, args.samples, args.seq, args.threads, Path(tmp), args.timeout,
-            tuple(args.backend_option),
+            tuple(args.backend_option), args.bench,
         )  # fmt: skip
     gib = 2**30
     print(

@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from slmopt.errors import PassError, UserError
 from slmopt.evaluation import ModelData, evaluate_quality, load_model_data
 from slmopt.loaders import LoadedModel, load_program
 from slmopt.lowering import MANIFEST, get_backend, resolve_backend_name
+from slmopt.memory import release_freed_memory
 from slmopt.pipeline import (
     DumpGraph,
     PassContext,
@@ -51,7 +51,8 @@ _BENCH_SEQ = 128  # tokens per call of the before/after latency measurement in t
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """Options of one compile run (every CLI flag of ``slmopt compile`` maps to one field)."""
+    """Options of one compile run (every CLI flag of ``slmopt compile`` maps to one field; ``keep_program``
+    is for API callers: the CLI never reads the returned Program and passes False)."""
 
     passes: str = ""
     backend: str = "onnxruntime"
@@ -71,6 +72,9 @@ class CompileOptions:
     parity_tolerance: float = 1e-4
     progress: bool = True
     replay: str | None = None  # report.json of an earlier elastic run: reuse its decisions, no scoring
+    # False: drop the transformed Program once it is written and verified (CompileResult.program is then
+    # None), so the latency bench's two engines do not sit on top of it. The CLI needs only the files.
+    keep_program: bool = True
     backend_options: dict[str, Any] = field(default_factory=dict)
     distributed: bool | None = None  # None: join torch.distributed when torchrun set WORLD_SIZE > 1
 
@@ -86,7 +90,7 @@ class CompileOptions:
 
 @dataclass
 class CompileResult:
-    program: Program
+    program: Program | None  # None with keep_program=False and an output folder
     report: CompileReport
     artifacts: dict[str, Path]
     output_dir: Path | None
@@ -161,6 +165,7 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
 
     distributed.join(options.distributed)  # torchrun's process group, if asked for or launched so
     program, loaded = load_program(model)
+    reloadable = isinstance(model, (str, Path))  # the bench can load the original again from its source
     # The Program now holds the weights (sharing the loader's tensors): drop the eager module, or every
     # weight a pass replaces would stay alive through it — a second copy of the model during the passes.
     loaded.module = None
@@ -180,7 +185,7 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             manager = PassManager(pipeline)
             params_before = program.num_params()
             transformed, pass_reports = manager.run(
-                program, ctx, in_place=not _needs_original(options, pipeline)
+                program, ctx, in_place=not _needs_original(options, pipeline, reloadable)
             )
         except PassError as err:  # a dead peer: say so in one line, not as a failure of the pass
             if isinstance(err.cause, distributed.DistributedError):
@@ -201,6 +206,12 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             params_after=transformed.num_params(),
         )
         artifacts: dict[str, Path] = {}
+        if not _reads_original_after_passes(options, reloadable):
+            # Nothing compares against the original any more (the bench re-loads it from its source):
+            # release it so that lowering does not run with two copies of the model in memory. After an
+            # in-place pipeline this name held the transformed Program, which is no original either.
+            program = ctx.reference = None
+        release_freed_memory()  # the passes' garbage must not sit under the lowering's peak
         if staging is not None and out is not None and manager.variants:
             _write_subnets(program, manager, pass_reports, loaded, data, options, report, staging)
             report.seconds = time.perf_counter() - started
@@ -208,14 +219,12 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             _replace(staging, out)
             artifacts = {row["budget"]: out / row["folder"] for row in report.subnets}
         elif staging is not None and out is not None:
-            if data.eval is None and not options.bench:
-                # Nothing compares against the original any more: release it so that lowering does not
-                # run with two copies of the model in memory.
-                program = ctx.reference = None
-                gc.collect()
             lowered = _lower_and_verify(
                 program, transformed, pipeline, loaded, data, options, report, staging
             )
+            if not options.keep_program:
+                transformed = None  # written and verified: the bench needs only the files
+            report.latency = _bench(program, staging, loaded, options)
             report.seconds = time.perf_counter() - started
             report.write(staging)
             _replace(staging, out)
@@ -231,15 +240,24 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
 _PASSES_NEEDING_ORIGINAL = frozenset({"distill"})
 
 
-def _needs_original(options: CompileOptions, pipeline: Pipeline) -> bool:
+def _reads_original_after_passes(options: CompileOptions, reloadable: bool) -> bool:
+    """Whether lowering/verification reads the original Program held in memory.
+
+    The quality comparison does; the latency bench only needs the original's *graph*, which it loads
+    again from the model's source (a path or ``module:factory``) after the transformed Program is lowered,
+    so an in-memory copy is kept for it only when the model came in as an ``nn.Module``.
+    """
+    return options.eval is not None or (options.bench and not reloadable)
+
+
+def _needs_original(options: CompileOptions, pipeline: Pipeline, reloadable: bool) -> bool:
     """Whether anything after (or during) the passes reads the original Program.
 
     When nothing does, the pipeline rewrites the loaded Program in place instead of a copy, so a compile
     never holds two copies of the model's weights (the loader's Program is private to this call).
     """
     uses = (
-        options.eval is not None,  # quality before/after
-        options.bench,  # latency before/after
+        _reads_original_after_passes(options, reloadable),  # quality (and latency) before/after
         options.verify_each,  # max |diff| vs the original after each pass
         any(p.name in _PASSES_NEEDING_ORIGINAL for p in pipeline.passes),
     )
@@ -264,7 +282,7 @@ def _replay_pipeline(pipeline: Pipeline, path: str) -> Pipeline:
 
 
 def _write_subnets(
-    original: Program,
+    original: Program | None,
     manager: PassManager,
     pass_reports: list[Any],
     loaded: LoadedModel,
@@ -290,6 +308,7 @@ def _write_subnets(
             params_after=program.num_params(),
         )
         _lower_and_verify(original, program, manager.pipeline, loaded, data, options, sub, folder)
+        sub.latency = _bench(original, folder, loaded, options)
         sub.write(folder)
         report.subnets.append(subnet_row(name, folder, sub, fanned.metrics, options))
         if sub.quality and not report.quality:  # the original model's held-out quality, once
@@ -331,9 +350,10 @@ def _lower_and_verify(
     report: CompileReport,
     folder: Path,
 ) -> dict[str, str]:
-    """Lowers into ``folder``, loads the engine back, checks parity/artifacts, measures quality and speed."""
+    """Lowers into ``folder``, loads the engine back, checks parity/artifacts and measures quality."""
     backend = get_backend(options.backend)
     lowered = backend.lower(program, folder, dict(options.backend_options))
+    release_freed_memory()  # export temporaries, before the engine's session is opened
     report.artifacts = dict(lowered.artifacts)
     report.lowering = lowered.metadata
     manifest = {
@@ -348,16 +368,25 @@ def _lower_and_verify(
     report.checks = _artifact_checks(pipeline, report, folder, set(program.graph_module.state_dict()))
     if data.eval is not None:
         report.quality = evaluate_quality(original, engine, data, progress=options.progress)
-    if options.bench and loaded.info.kind != "module":
-        from slmopt.bench import bench_model_vs_compiled  # the same measurement `slmopt bench` makes
-
-        threads = options.threads or torch.get_num_threads()
-        seq = min(_BENCH_SEQ, loaded.info.max_seq_len or _BENCH_SEQ)
-        result = bench_model_vs_compiled(
-            original, folder, threads=threads, seq=seq, progress=options.progress
-        )
-        report.latency = {**result.to_dict(), "table": result.table(), "shape": [1, seq]}
     return dict(lowered.artifacts)
+
+
+def _bench(original: Program | None, folder: Path, loaded: LoadedModel, options: CompileOptions) -> dict:
+    """Latency of the original vs the engine in ``folder`` (``report.latency``), or {} when not asked.
+
+    Without an in-memory ``original`` the bench loads it again from its source (see
+    :func:`_reads_original_after_passes`).
+    """
+    if not options.bench or loaded.info.kind == "module":
+        return {}
+    from slmopt.bench import bench_model_vs_compiled  # the same measurement `slmopt bench` makes
+
+    release_freed_memory()  # the parity session and friends: the bench opens two engines of its own
+    threads = options.threads or torch.get_num_threads()
+    seq = min(_BENCH_SEQ, loaded.info.max_seq_len or _BENCH_SEQ)
+    source = original if original is not None else loaded.info.source
+    result = bench_model_vs_compiled(source, folder, threads=threads, seq=seq, progress=options.progress)
+    return {**result.to_dict(), "table": result.table(), "shape": [1, seq]}
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from slmopt.memory import release_freed_memory
+
 if TYPE_CHECKING:
     from slmopt.program import ModelInfo, Program
 
@@ -371,15 +373,18 @@ def bench_model_vs_compiled(
 
     torch.set_num_threads(threads)
     names = ["compiled"] if len(folders) == 1 else _unique_names(folders)
-    engines: dict[str, Runner] = {}
-    for name, folder, manifest in zip(names, folders, manifests, strict=True):
-        engines[name] = load_engine(folder, threads=threads, **_load_options(manifest["backend"]))
     with tempfile.TemporaryDirectory(prefix="slmopt-bench-") as tmp:
         if isinstance(original, Program):
             lowering = get_backend(backend)
             # Only the plain graph is timed here: skip the KV-cache decoder export (slmopt.bench_generation).
             lowering.lower(original, Path(tmp), {"generation": False} if backend == "onnxruntime" else {})
+            # Lowered before the compiled engines load, and the Program dropped right after (when this
+            # call loaded it), so the export's temporaries never sit on top of the engines' weights.
             original = lowering.load(Path(tmp), threads=threads, **_load_options(backend))
+            release_freed_memory()
+        engines: dict[str, Runner] = {}
+        for name, folder, manifest in zip(names, folders, manifests, strict=True):
+            engines[name] = load_engine(folder, threads=threads, **_load_options(manifest["backend"]))
         config = {
             "threads": threads,
             "original_backend": getattr(original, "backend", "") or type(original).__name__,

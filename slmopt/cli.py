@@ -135,6 +135,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         time_passes=args.time_passes,
         verify_each=args.verify_each,
         bench=not args.no_bench,
+        keep_program=False,  # only the written files are used below
         progress=not args.no_progress,
         backend_options=_key_values(args.backend_option),
         distributed=args.distributed or None,

@@ -149,6 +149,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     check_loading_info(path, loading)
+    _own_weights(model)
     model.eval()
     vocab = int(config.vocab_size)
     has_tokenizer = any((path / name).is_file() for name in _TOKENIZER_FILES)
@@ -163,6 +164,20 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     )
     wrapper = LogitsOnly(model) if causal else HiddenOnly(model)
     return LoadedModel(wrapper, _token_inputs(vocab), info, model_files(path))
+
+
+def _own_weights(model: nn.Module) -> None:
+    """Moves every parameter and buffer out of the checkpoint's file mapping into private memory.
+
+    transformers leaves safetensors weights memory-mapped, and the mapping lives until the *last* tensor
+    in it dies. Pages of weights a pass replaces (2:4 masks, FFF trees, pruned layers) would stay
+    resident for the whole compile; with private copies they are freed as soon as they are dead. Tied
+    weights stay tied (the shared Parameter object gets one new tensor). Costs one copy, tensor by
+    tensor; the mapping is released when the last one is done.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
 
 
 # ------------------------------------------------------------------------------------ torch.export file

@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from slmopt.errors import PassError, UserError
+from slmopt.memory import release_freed_memory
 from slmopt.pass_base import Pass, PassReport, get_pass_class
 
 if typing.TYPE_CHECKING:
@@ -384,6 +385,7 @@ class PassManager:
                 log.warning(warning)
             work.history.append(report.to_dict())
             reports.append(report)
+            release_freed_memory()  # what this pass freed, before the next one allocates
             done.append(p.name)
             if result.variants:
                 self._fan_out(result.variants, report, index, ctx)

@@ -13,6 +13,7 @@ tests pin the mechanisms that bound it, on tiny models:
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -121,3 +122,92 @@ def test_load_program_from_a_path_shares_the_loaded_weights(tmp_path):
     assert not {p.data_ptr() for p in captured.graph_module.parameters()} & {
         p.data_ptr() for p in user.parameters()
     }
+
+
+def _mapped(file) -> bool:
+    """Whether this process still maps ``file`` (Linux /proc/self/maps)."""
+    target = str(file.resolve())
+    with open("/proc/self/maps") as maps:
+        return any(line.rstrip("\n").endswith(target) for line in maps)
+
+
+def test_loaded_weights_are_private_copies_not_a_file_mapping(tmp_path):
+    """transformers memory-maps safetensors; a replaced weight would keep its pages resident until the
+    whole mapping died, so the loader copies every tensor out of it (one copy, tied weights still tied)."""
+    from safetensors.torch import load_file
+
+    from tests.models import save_hf
+
+    folder = save_hf("gpt2", tmp_path / "model")  # GPT-2 ties its LM head to the token embedding
+    weights = folder / "model.safetensors"
+    loaded = load_model(folder)
+    assert not _mapped(weights)
+    model = loaded.module.model
+    assert model.lm_head.weight is model.transformer.wte.weight
+    stored = load_file(str(weights))
+    torch.testing.assert_close(model.transformer.wte.weight, stored["transformer.wte.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        model.transformer.h[0].mlp.c_fc.weight, stored["transformer.h.0.mlp.c_fc.weight"], rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("given", ["path", "module"])
+def test_compile_bench_reloads_the_original_instead_of_holding_a_copy(tmp_path, monkeypatch, given):
+    """With the latency bench on (the default), a model given by path is rewritten in place and the bench
+    loads the original again from the path; only a model given as a module is copied and kept. With
+    keep_program=False (what the CLI passes) the transformed Program is gone before the bench too."""
+    import slmopt
+    import slmopt.bench as bench
+    from slmopt.program import Program
+    from tests.models import build_model, save_hf
+
+    folder = save_hf("gpt2", tmp_path / "model")
+    seen, clones = [], []
+    real_bench, real_clone = bench.bench_model_vs_compiled, Program.clone
+
+    def spy_bench(original, *args, **kwargs):
+        seen.append(original)
+        return real_bench(original, *args, **kwargs)
+
+    def spy_clone(self, *args, **kwargs):
+        clones.append(self)
+        return real_clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_model_vs_compiled", spy_bench)
+    monkeypatch.setattr(Program, "clone", spy_clone)
+    model = str(folder) if given == "path" else build_model("gpt2")
+    result = slmopt.compile(
+        model,
+        "mask-2to4{method=magnitude}",
+        output_dir=tmp_path / "out",
+        bench=True,
+        progress=False,
+        threads=1,
+        keep_program=given == "module",  # the CLI's choice: the Program is dropped before the bench
+    )
+    assert len(seen) == 1
+    assert (result.program is None) == (given == "path")
+    assert (tmp_path / "out" / "model.onnx").is_file()
+    if given == "path":
+        assert seen == [str(folder)] and not clones
+    else:
+        assert isinstance(seen[0], Program) and len(clones) == 1
+    engines = result.report.latency["engines"]
+    assert set(engines) == {"original", "compiled"}
+    assert all(row["median_ms"] > 0 for row in engines.values())
+
+
+def test_a_lowered_program_is_freed_once_dropped(tmp_path):
+    """onnxscript's module-level rewrite rules keep the graph of their last match (whose initializers wrap
+    the Program's parameters); release_freed_memory() clears that, so a dropped Program really goes."""
+    import weakref
+
+    from slmopt.lowering import get_backend
+    from slmopt.memory import release_freed_memory
+
+    program = _program(2)
+    weight = weakref.ref(next(program.graph_module.parameters()))
+    get_backend("onnxruntime").lower(program, tmp_path, {"generation": False})
+    del program
+    release_freed_memory()
+    assert weight() is None

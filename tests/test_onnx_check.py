@@ -143,6 +143,65 @@ def test_external_data(tmp_path: Path) -> None:
     assert check_nm_onnx(path, names=["fc.weight"]).passed()
 
 
+def reference_counts(w: np.ndarray, axis: int) -> tuple[float, float, int]:
+    """(valid 2:4 fraction along ``axis``, zero fraction, -0.0 count): plain NumPy."""
+    groups = np.moveaxis(w, axis, -1).reshape(-1, 4)
+    valid = float(((groups != 0).sum(-1) <= 2).mean())
+    return valid, float((w == 0).mean()), int((np.signbit(w) & (w == 0)).sum())
+
+
+@pytest.mark.parametrize("block_bytes", [64, 1 << 24])  # 64 B: every block is a couple of rows
+def test_external_data_read_in_blocks_matches_whole_tensor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int
+) -> None:
+    import slmopt.onnx_check as onnx_check
+
+    monkeypatch.setattr(onnx_check, "_BLOCK_BYTES", block_bytes)
+    # Two weights in one data file (the second at a non-zero offset), 2:4 along different axes, with
+    # broken groups and -0.0 planted in the middle and at the end of each tensor.
+    first, second = two_four(12, 16, axis=1, seed=1), two_four(24, 8, axis=0, seed=2)
+    first[5, 4:8], first[11, 12:16] = 1.0, 1.0
+    second[8:12, 3], second[20:24, 7] = 2.0, 2.0
+    first[first == 0] = np.where(np.arange(int((first == 0).sum())) % 3 == 0, -0.0, 0.0)
+    nodes = [
+        helper.make_node("Gemm", ["x", "fc1.weight"], ["h"], transB=1, name="gemm"),
+        helper.make_node("MatMul", ["h", "fc2.weight"], ["y"], name="mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8])],
+        [numpy_helper.from_array(first, "fc1.weight"), numpy_helper.from_array(second, "fc2.weight")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    offsets = [
+        dict((e.key, e.value) for e in t.external_data).get("offset", "0")
+        for t in onnx.load(str(path), load_external_data=False).graph.initializer
+    ]
+    assert any(int(o) > 0 for o in offsets)  # the second weight really sits at an offset
+    rows = {r.name: r for r in check_nm_onnx(path, names=["fc1.weight", "fc2.weight"]).rows}
+    for name, weight, axis in (("fc1.weight", first, 1), ("fc2.weight", second, 0)):
+        valid, zeros, negative = reference_counts(weight, axis)
+        assert rows[name].axis == axis
+        assert rows[name].valid_fraction == pytest.approx(valid)
+        assert rows[name].zero_fraction == pytest.approx(zeros)
+        assert rows[name].negative_zeros == negative
+        assert rows[name].valid_fraction < 1.0
+
+
+def test_truncated_external_data_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    model = gemm_model(two_four(8, 16, axis=1), trans_b=1)
+    onnx.save(model, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    data = (tmp_path / "m.data").read_bytes()
+    (tmp_path / "m.data").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        check_nm_onnx(path, names=["fc.weight"])
+
+
 def test_normalize_name() -> None:
     assert normalize_name("p_model_model_layers_0_mlp_up_proj_weight") == normalize_name(
         "model.model.layers.0.mlp.up_proj.weight"
