@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             "load_program",
             "load_model_data",
             "_lower_and_verify",
-            "_parity",
-            "_artifact_checks",
+            "parity",
+            "artifact_checks",
             "_replace",
         ):
             _wrap(api, name)

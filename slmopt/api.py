@@ -41,12 +41,11 @@ from slmopt.pipeline import (
 )
 from slmopt.program import Program
 from slmopt.report import CompileReport
+from slmopt.verification import artifact_checks, bench_latency, parity
 
 __all__ = ["CompileOptions", "CompileResult", "compile"]
 
 log = logging.getLogger(__name__)
-
-_BENCH_SEQ = 128  # tokens per call of the before/after latency measurement in the report
 
 
 @dataclass(frozen=True)
@@ -224,7 +223,7 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             )
             if not options.keep_program:
                 transformed = None  # written and verified: the bench needs only the files
-            report.latency = _bench(program, staging, loaded, options)
+            report.latency = bench_latency(program, staging, loaded, options)
             report.seconds = time.perf_counter() - started
             report.write(staging)
             _replace(staging, out)
@@ -308,7 +307,7 @@ def _write_subnets(
             params_after=program.num_params(),
         )
         _lower_and_verify(original, program, manager.pipeline, loaded, data, options, sub, folder)
-        sub.latency = _bench(original, folder, loaded, options)
+        sub.latency = bench_latency(original, folder, loaded, options)
         sub.write(folder)
         report.subnets.append(subnet_row(name, folder, sub, fanned.metrics, options))
         if sub.quality and not report.quality:  # the original model's held-out quality, once
@@ -364,29 +363,11 @@ def _lower_and_verify(
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     engine = backend.load(folder, threads=options.threads)
-    report.parity = _parity(program, engine, data, options.parity_tolerance)
-    report.checks = _artifact_checks(pipeline, report, folder, set(program.graph_module.state_dict()))
+    report.parity = parity(program, engine, data, options.parity_tolerance)
+    report.checks = artifact_checks(pipeline, report, folder, set(program.graph_module.state_dict()))
     if data.eval is not None:
         report.quality = evaluate_quality(original, engine, data, progress=options.progress)
     return dict(lowered.artifacts)
-
-
-def _bench(original: Program | None, folder: Path, loaded: LoadedModel, options: CompileOptions) -> dict:
-    """Latency of the original vs the engine in ``folder`` (``report.latency``), or {} when not asked.
-
-    Without an in-memory ``original`` the bench loads it again from its source (see
-    :func:`_reads_original_after_passes`).
-    """
-    if not options.bench or loaded.info.kind == "module":
-        return {}
-    from slmopt.bench import bench_model_vs_compiled  # the same measurement `slmopt bench` makes
-
-    release_freed_memory()  # the parity session and friends: the bench opens two engines of its own
-    threads = options.threads or torch.get_num_threads()
-    seq = min(_BENCH_SEQ, loaded.info.max_seq_len or _BENCH_SEQ)
-    source = original if original is not None else loaded.info.source
-    result = bench_model_vs_compiled(source, folder, threads=threads, seq=seq, progress=options.progress)
-    return {**result.to_dict(), "table": result.table(), "shape": [1, seq]}
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -403,47 +384,3 @@ def _replace(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _parity(program: Program, engine: Any, data: ModelData, tolerance: float) -> dict[str, Any]:
-    """Max |engine − program| on sample inputs at two shapes (exercises the dynamic dims)."""
-    diffs = []
-    for inputs in data.parity_inputs(program):
-        expected = program(*inputs).float()
-        got = engine(*inputs).float()
-        if got.shape != expected.shape:
-            raise RuntimeError(f"engine output shape {tuple(got.shape)} != program's {tuple(expected.shape)}")
-        diffs.append((got - expected).abs().max().item())
-    worst = max(diffs)
-    if worst > tolerance:
-        log.warning("parity %.3g exceeds tolerance %.1g", worst, tolerance)
-    return {"max_abs_diff": worst, "tolerance": tolerance, "passed": worst <= tolerance, "shapes": len(diffs)}
-
-
-def _artifact_checks(
-    pipeline: Pipeline, report: CompileReport, folder: Path, present: set[str]
-) -> dict[str, Any]:
-    """Checks on the written artifacts themselves (the N:M pattern read back from the ONNX file)."""
-    checks: dict[str, Any] = {}
-    onnx_file = report.artifacts.get("onnx")
-    masks = [p for p in pipeline.passes if p.name == "mask-2to4"]
-    if not masks or not onnx_file:
-        return checks
-    from slmopt.onnx_check import check_nm_onnx
-
-    n, m = masks[0].config.n, masks[0].config.m
-    pass_report = next(r for r in report.passes if r["name"] == "mask-2to4")
-    # A later pass may have replaced masked weights (fff swaps the FFN linears for a tree): check the rest.
-    names = [c["target"] for c in pass_report["changes"] if c["target"] in present]
-    result = check_nm_onnx(folder / onnx_file, n=n, m=m, names=names)
-    expected = [r for r in result.rows if r.expected]
-    checks[f"onnx_{n}to{m}"] = {
-        "passed": result.passed(names),
-        "weights_checked": len(expected),
-        "weights_masked": len(names),
-        "min_valid_fraction": min((r.valid_fraction or 0.0 for r in expected), default=None),
-        "negative_zeros": sum(r.negative_zeros for r in expected),
-    }
-    if not result.passed(names):
-        raise RuntimeError(f"the saved ONNX does not hold the {n}:{m} pattern:\n{result.table()}")
-    return checks

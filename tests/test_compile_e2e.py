@@ -160,7 +160,7 @@ def test_interrupted_compile_leaves_nothing(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "_parity", explode)
+    monkeypatch.setattr(api, "parity", explode)
     with pytest.raises(KeyboardInterrupt):
         slmopt.compile(str(model_dir), passes="sparsity{method=magnitude}", output_dir=tmp_path / "out",
                        bench=False, progress=False)  # fmt: skip
