@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from slmopt.onnx_blocks import block_rows, element_size, read_blocks
 from slmopt.sparsity import count_negative_zeros, nm_group_counts, validate_nm
 
 __all__ = ["NMCheckReport", "NMWeightRow", "check_nm_onnx", "normalize_name"]
@@ -54,16 +54,6 @@ _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 # Ops that pass a weight through unchanged up to a permutation of axes.
 _PASS_THROUGH = ("Cast", "Identity", "Transpose")
-# A weight is checked in blocks of about this many bytes along its first axis: a 150 MB embedding read
-# whole costs its size again several times over in comparison temporaries, which used to set the peak
-# memory of a whole compile.
-_BLOCK_BYTES = 16 << 20
-# External-data element types read straight from the file (little-endian, as ONNX stores them).
-_FILE_DTYPES = {
-    onnx.TensorProto.FLOAT: np.dtype("<f4"),
-    onnx.TensorProto.FLOAT16: np.dtype("<f2"),
-    onnx.TensorProto.DOUBLE: np.dtype("<f8"),
-}
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
@@ -237,40 +227,8 @@ class _Graph:
         return self.initializers.get(name) or self.constants[name]
 
     def blocks(self, name: str, rows: int) -> Iterator[np.ndarray]:
-        """``name``'s value in consecutive blocks of ``rows`` along axis 0 (one block for a scalar).
-
-        A float tensor in external data is read block by block from its file, so at most one block is
-        in memory; anything else is loaded whole by ONNX and sliced.
-        """
-        tensor = self.tensor(name)
-        shape = tuple(int(d) for d in tensor.dims)
-        source = self._external_file(tensor)
-        if source is None or not shape:
-            arr = numpy_helper.to_array(tensor, base_dir=self.base_dir)
-            yield from (arr[i : i + rows] for i in range(0, len(arr), rows)) if arr.ndim else (arr,)
-            return
-        file, offset = source
-        dtype = _FILE_DTYPES[tensor.data_type]
-        row_items = int(np.prod(shape[1:], dtype=np.int64))
-        with open(file, "rb") as f:
-            for start in range(0, shape[0], rows):
-                count = min(rows, shape[0] - start)
-                f.seek(offset + start * row_items * dtype.itemsize)
-                block = np.fromfile(f, dtype=dtype, count=count * row_items)
-                if block.size != count * row_items:
-                    raise ValueError(f"{file}: external data of {name!r} is truncated")
-                yield block.reshape(count, *shape[1:])
-
-    def _external_file(self, tensor: onnx.TensorProto) -> tuple[Path, int] | None:
-        """(file, byte offset) of a float tensor stored in a file inside ``base_dir``, else None."""
-        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type not in _FILE_DTYPES:
-            return None
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        base = Path(self.base_dir).resolve()
-        file = (base / info.get("location", "")).resolve()
-        if base not in file.parents or not file.is_file():
-            return None  # let ONNX's own loader report a bad location
-        return file, int(info.get("offset", 0) or 0)
+        """``name``'s value in blocks of ``rows`` along axis 0 (see :func:`slmopt.onnx_blocks.read_blocks`)."""
+        return read_blocks(self.tensor(name), self.base_dir, rows)
 
     def rank(self, name: str) -> int | None:
         tensor = self.initializers.get(name) or self.constants.get(name)
@@ -395,21 +353,14 @@ def _mark(row: NMWeightRow, expected: bool, why: str) -> NMWeightRow:
     return NMWeightRow(**{**asdict(row), "expected": True, "note": "; ".join([why, *problems])})
 
 
-def _block_rows(shape: tuple[int, ...], axis: int, m: int, itemsize: int) -> int:
-    """Rows of axis 0 per block: about :data:`_BLOCK_BYTES`, whole N:M groups when ``axis`` is 0."""
-    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
-    rows = max(1, _BLOCK_BYTES // row_bytes)
-    return -(-rows // m) * m if axis == 0 else rows
-
-
 def _measure(graph: _Graph, name: str, axis: int, node: onnx.NodeProto, n: int, m: int) -> NMWeightRow:
     tensor = graph.tensor(name)
     shape = tuple(int(d) for d in tensor.dims)
     size = int(np.prod(shape, dtype=np.int64))
     grouped = not shape[axis] % m
     zeros = negative = valid = total = 0
-    itemsize = _FILE_DTYPES.get(tensor.data_type, np.dtype("<f4")).itemsize
-    for block in graph.blocks(name, _block_rows(shape, axis, m, itemsize)):
+    itemsize = element_size(tensor)
+    for block in graph.blocks(name, block_rows(shape, axis, m, itemsize)):
         block = block if block.dtype in (np.float32, np.float64) else block.astype(np.float32)
         zeros += int(np.count_nonzero(block == 0))
         negative += count_negative_zeros(block)

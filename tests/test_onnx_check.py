@@ -154,9 +154,9 @@ def reference_counts(w: np.ndarray, axis: int) -> tuple[float, float, int]:
 def test_external_data_read_in_blocks_matches_whole_tensor(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int
 ) -> None:
-    import slmopt.onnx_check as onnx_check
+    import slmopt.onnx_blocks as onnx_blocks
 
-    monkeypatch.setattr(onnx_check, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(onnx_blocks, "BLOCK_BYTES", block_bytes)
     # Two weights in one data file (the second at a non-zero offset), 2:4 along different axes, with
     # broken groups and -0.0 planted in the middle and at the end of each tensor.
     first, second = two_four(12, 16, axis=1, seed=1), two_four(24, 8, axis=0, seed=2)
