@@ -210,7 +210,7 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             # release it so that lowering does not run with two copies of the model in memory. After an
             # in-place pipeline this name held the transformed Program, which is no original either.
             program = ctx.reference = None
-        release_freed_memory()  # the passes' garbage must not sit under the lowering's peak
+        release_freed_memory(collect_cycles=True)  # the passes' garbage must not sit under the lowering
         if staging is not None and out is not None and manager.variants:
             _write_subnets(program, manager, pass_reports, loaded, data, options, report, staging)
             report.seconds = time.perf_counter() - started

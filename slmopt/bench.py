@@ -381,7 +381,7 @@ def bench_model_vs_compiled(
             # Lowered before the compiled engines load, and the Program dropped right after (when this
             # call loaded it), so the export's temporaries never sit on top of the engines' weights.
             original = lowering.load(Path(tmp), threads=threads, **_load_options(backend))
-            release_freed_memory()
+            release_freed_memory(collect_cycles=True)
         engines: dict[str, Runner] = {}
         for name, folder, manifest in zip(names, folders, manifests, strict=True):
             engines[name] = load_engine(folder, threads=threads, **_load_options(manifest["backend"]))

@@ -4,9 +4,10 @@ A compile allocates and frees hundreds of MB per phase (calibration activations,
 Runtime sessions). glibc serves most of those from its heap, and a freed block in the middle of the heap
 stays resident until something asks for it back, so the next phase's weights land *on top of* the last
 phase's garbage: measured on GPT-2-small, calling this after the FFF pass takes the process from 1.35 to
-0.91 GB resident (benchmarks/memory_stages.py). :func:`release_freed_memory` collects Python cycles
-(FX graphs are full of them) and calls ``malloc_trim(0)``, which returns every whole free page of every
-arena. It costs milliseconds, so it is called at phase boundaries only, never inside a hot loop.
+0.91 GB resident (benchmarks/memory_stages.py). :func:`release_freed_memory` calls ``malloc_trim(0)``,
+which returns every whole free page of every arena, after collecting Python cycles when asked (FX graphs
+are full of them). The trim costs milliseconds, the collection ≈0.4 s, so both run at phase boundaries
+only, never inside a hot loop.
 
 It also clears one known retainer: onnxscript's rewrite rules are module-level objects whose pattern
 matcher remembers the graph, node and match of its last run, so after an ONNX export the whole exported
@@ -15,7 +16,8 @@ dropped after lowering (the bench's original model) was therefore never freed: 0
 
 Example:
     >>> from slmopt.memory import release_freed_memory
-    >>> release_freed_memory()  # after dropping the last reference to a large object
+    >>> trimmed = release_freed_memory()  # between phases
+    >>> trimmed = release_freed_memory(collect_cycles=True)  # after dropping the last reference to a Program
 """
 
 from __future__ import annotations
@@ -79,9 +81,16 @@ def forget_onnx_rewriter_matches() -> int:
     return cleared
 
 
-def release_freed_memory() -> bool:
-    """Collects garbage cycles and returns free heap pages to the OS; True if the heap was trimmed."""
+def release_freed_memory(collect_cycles: bool = False) -> bool:
+    """Returns free heap pages to the OS; True if the heap was trimmed.
+
+    Args:
+        collect_cycles: run a full ``gc.collect()`` first. Needed right after dropping a Program (FX
+            graphs are reference cycles, freed only by the collector), but it walks every Python object
+            (≈0.4 s in a process with torch, transformers and onnx loaded), so plain phase boundaries skip it.
+    """
     forget_onnx_rewriter_matches()
-    gc.collect()
+    if collect_cycles:
+        gc.collect()
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False

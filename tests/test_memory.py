@@ -209,5 +209,5 @@ def test_a_lowered_program_is_freed_once_dropped(tmp_path):
     weight = weakref.ref(next(program.graph_module.parameters()))
     get_backend("onnxruntime").lower(program, tmp_path, {"generation": False})
     del program
-    release_freed_memory()
+    release_freed_memory(collect_cycles=True)
     assert weight() is None
