@@ -3,8 +3,8 @@
 A compile allocates and frees hundreds of MB per phase (calibration activations, export temporaries, ONNX
 Runtime sessions). glibc serves most of those from its heap, and a freed block in the middle of the heap
 stays resident until something asks for it back, so the next phase's weights land *on top of* the last
-phase's garbage: measured on GPT-2-small, calling this after the FFF pass takes the process from 1.35 to
-0.91 GB resident (benchmarks/memory_stages.py). :func:`release_freed_memory` calls ``malloc_trim(0)``,
+phase's garbage: measured on GPT-2-small, releasing (with a full collection) after the FFF pass took the
+process from 1.35 to 0.91 GB resident (benchmarks/memory_stages.py). :func:`release_freed_memory` calls ``malloc_trim(0)``,
 which returns every whole free page of every arena, after collecting Python cycles when asked (FX graphs
 are full of them). The trim costs milliseconds, the collection ≈0.4 s, so both run at phase boundaries
 only, never inside a hot loop.
