@@ -10,7 +10,7 @@ running its ``model.onnx`` on the whole context again (what a runtime without a 
 (b) With ``--compiled`` (an slmopt output folder, e.g. ``slmopt compile MODEL --passes prune-attn,fff``):
 prefill tokens/s at 128/512/2048 prompt tokens (lengths beyond the context are skipped), decode ms/token
 at batch 1 and 8 with ``--context`` cached positions, and KV bytes per token, original vs compiled, see
-:func:`slmopt.bench_generation.bench_generation`. Everything runs in ONNX Runtime (CPU) in one process,
+:func:`slmopt.generation.bench.bench_generation`. Everything runs in ONNX Runtime (CPU) in one process,
 interleaved round-robin, same threads; medians and ratios are printed and written as JSON.
 """
 
@@ -23,8 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from slmopt.backends.onnxrt import OnnxRuntimeBackend
-from slmopt.bench_generation import bench_cache_vs_recompute, bench_generation
+from slmopt.backends.onnxrt.backend import OnnxRuntimeBackend
+from slmopt.generation.bench import bench_cache_vs_recompute, bench_generation
 from slmopt.loaders import load_program
 
 __all__ = ["main"]

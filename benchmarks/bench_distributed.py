@@ -43,14 +43,15 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
 
     from slmopt import distributed
-    from slmopt.activation_stats import collect_input_stats
-    from slmopt.analysis import analyze
+    from slmopt.analysis.analyze import analyze
     from slmopt.api import CompileOptions
-    from slmopt.evaluation import load_model_data
-    from slmopt.fff_graph import collect_branch_inputs
-    from slmopt.importance import cosine_importance, units_of
+    from slmopt.data.quality import load_model_data
     from slmopt.loaders import load_program
-    from slmopt.pipeline import PassContext, PassManager, parse_pipeline
+    from slmopt.passes.fff.graph import collect_branch_inputs
+    from slmopt.passes.importance import cosine_importance, units_of
+    from slmopt.passes.sparsity.stats import collect_input_stats
+    from slmopt.pipeline.manager import PassContext, PassManager
+    from slmopt.pipeline.parse import parse_pipeline
 
     torch.set_num_threads(args.threads)
     distributed.join()

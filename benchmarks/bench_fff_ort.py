@@ -33,7 +33,7 @@ import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 
-from slmopt.backends import onnx_fff
+from slmopt.backends.onnxrt import fff as onnx_fff
 from slmopt.lowering import onnx_translations
 from slmopt.ops import fff_reference
 

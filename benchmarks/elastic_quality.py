@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from tinylm_data import bits_per_byte, load_reference  # benchmarks/ (the script's folder)
 
-from slmopt.elastic_latency import measure_ms_per_token
-from slmopt.pipeline import PassContext, PassManager, parse_pipeline
+from slmopt.passes.elastic.latency import measure_ms_per_token
+from slmopt.pipeline.manager import PassContext, PassManager
+from slmopt.pipeline.parse import parse_pipeline
 from slmopt.program import Program
 
 __all__ = ["main", "run"]

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from tinylm_data import bits_per_byte, load_reference  # benchmarks/ (the script's folder)
 
-import slmopt.passes.ffn_to_fff  # noqa: F401 - registers the fff pass
-from slmopt.pipeline import PassContext, PassManager, parse_pipeline
+import slmopt.passes.fff.ffn_to_fff  # noqa: F401 - registers the fff pass
+from slmopt.pipeline.manager import PassContext, PassManager
+from slmopt.pipeline.parse import parse_pipeline
 
 __all__ = ["main", "run", "table"]
 

@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mark("start")
     import slmopt.api as api
-    import slmopt.pass_base as pass_base
-    import slmopt.pipeline as pipeline_module
+    import slmopt.pipeline.manager as pipeline_module
+    import slmopt.pipeline.pass_base as pass_base
     from slmopt.cli import _key_values
-    from slmopt.pipeline import PassManager
+    from slmopt.pipeline.manager import PassManager
 
     mark("imports")
     with tempfile.TemporaryDirectory(prefix="slmopt-stages-") as tmp:

@@ -33,9 +33,10 @@ import torch
 from tinylm_data import bits_per_byte  # benchmarks/ (the script's folder)
 
 import slmopt.passes.prune_attention  # noqa: F401 - registers prune-attn (also listed in BUILTIN_PASSES)
-from slmopt.data import DataSpec, eval_windows, load_tokens
+from slmopt.data.windows import DataSpec, eval_windows, load_tokens
 from slmopt.loaders import load_program
-from slmopt.pipeline import PassContext, PassManager, parse_pipeline
+from slmopt.pipeline.manager import PassContext, PassManager
+from slmopt.pipeline.parse import parse_pipeline
 from slmopt.program import Program
 
 __all__ = ["main", "run"]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from slmopt.data import DataSpec, eval_windows, load_tokens
+from slmopt.data.metrics import cross_entropy_nats, predicted_tokens, summarize_quality
+from slmopt.data.windows import DataSpec, eval_windows, load_tokens
 from slmopt.loaders import load_program
-from slmopt.metrics import cross_entropy_nats, predicted_tokens, summarize_quality
 from slmopt.program import Program
 
 __all__ = ["bits_per_byte", "load_reference"]

@@ -1,1 +1,1 @@
-"""slmopt passes: graph rewrites registered by name in slmopt.pass_base."""
+"""slmopt passes: graph rewrites registered by name in slmopt.pipeline.pass_base."""

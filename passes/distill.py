@@ -32,14 +32,14 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
-from slmopt.analysis import analyze
+from slmopt.analysis.analyze import analyze
 from slmopt.distributed import rank0_decides, shard_rows, sum_gradients, world_size
-from slmopt.importance import units_of
-from slmopt.pass_base import Change, Pass, PassResult, register_pass
+from slmopt.passes.importance import units_of
+from slmopt.pipeline.pass_base import Change, Pass, PassResult, register_pass
 from slmopt.program import unwrap_output
 
 if TYPE_CHECKING:
-    from slmopt.pipeline import PassContext
+    from slmopt.pipeline.manager import PassContext
     from slmopt.program import Program
 
 __all__ = ["Distill", "average_gradients"]

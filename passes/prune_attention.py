@@ -3,7 +3,7 @@
 Each chosen sublayer's residual add ``h + branch(norm(h))`` is rewired to ``h`` (or to
 ``h + recovery(norm(h))``) and dead-code elimination then drops the whole branch and its parameters, so the
 Program and every lowered artifact hold no trace of it. For post-norm models (BERT) the add becomes ``h``
-feeding the same LayerNorm. Importance comes from :data:`slmopt.importance.IMPORTANCE_METRICS`;
+feeding the same LayerNorm. Importance comes from :data:`slmopt.passes.importance.IMPORTANCE_METRICS`;
 recoveries from :data:`RECOVERIES`. The report records scores, every removal and a ``layers=`` replay
 string, plus parameters, attention FLOPs and KV-cache bytes per token before/after.
 
@@ -30,14 +30,15 @@ import torch
 from torch import fx
 
 from slmopt import distributed
-from slmopt.analysis import Structure, analyze
-from slmopt.calibration import CALIB_BATCH
-from slmopt.importance import IMPORTANCE_METRICS, Sublayer, Unit, removal_curve, stream_activations, units_of
-from slmopt.metrics import cross_entropy_nats, predicted_tokens, summarize_quality
-from slmopt.pass_base import Change, Pass, PassResult, register_pass
+from slmopt.analysis.analyze import analyze
+from slmopt.analysis.structure import Structure
+from slmopt.data.metrics import cross_entropy_nats, predicted_tokens, summarize_quality
+from slmopt.data.runner import CALIB_BATCH, stream_activations
+from slmopt.passes.importance import IMPORTANCE_METRICS, Sublayer, Unit, removal_curve, units_of
+from slmopt.pipeline.pass_base import Change, Pass, PassResult, register_pass
 
 if typing.TYPE_CHECKING:
-    from slmopt.pipeline import PassContext
+    from slmopt.pipeline.manager import PassContext
     from slmopt.program import Program
 
 __all__ = ["RECOVERIES", "BranchStats", "PruneAttention", "Recovery", "fit_bias", "fit_lowrank"]

@@ -25,20 +25,14 @@ from torch import nn
 
 from slmopt import distributed
 from slmopt.atomic import disk_full_error, recover_stale
+from slmopt.data.quality import ModelData, evaluate_quality, load_model_data
 from slmopt.errors import PassError, UserError
-from slmopt.evaluation import ModelData, evaluate_quality, load_model_data
 from slmopt.loaders import LoadedModel, load_program
 from slmopt.lowering import MANIFEST, get_backend, resolve_backend_name
 from slmopt.memory import release_freed_memory
-from slmopt.pipeline import (
-    DumpGraph,
-    PassContext,
-    PassManager,
-    Pipeline,
-    TimePasses,
-    VerifyEach,
-    parse_pipeline,
-)
+from slmopt.pipeline.instruments import DumpGraph, TimePasses, VerifyEach
+from slmopt.pipeline.manager import PassContext, PassManager
+from slmopt.pipeline.parse import Pipeline, parse_pipeline
 from slmopt.program import Program
 from slmopt.report import CompileReport
 from slmopt.verification import artifact_checks, bench_latency, parity
@@ -291,7 +285,7 @@ def _write_subnets(
     staging: Path,
 ) -> None:
     """Lowers every fan-out variant into ``staging/subnet-<name>/`` and fills the top-level table."""
-    from slmopt.elastic_report import subnet_row, write_pareto
+    from slmopt.passes.elastic.report import subnet_row, write_pareto
 
     fanned = pass_reports[-1]
     for name, (program, reports) in manager.variants.items():

@@ -376,7 +376,7 @@ def bench_model_vs_compiled(
     with tempfile.TemporaryDirectory(prefix="slmopt-bench-") as tmp:
         if isinstance(original, Program):
             lowering = get_backend(backend)
-            # Only the plain graph is timed here: skip the KV-cache decoder export (slmopt.bench_generation).
+            # Only the plain graph is timed here: skip the KV-cache decoder export (slmopt.generation.bench).
             lowering.lower(original, Path(tmp), {"generation": False} if backend == "onnxruntime" else {})
             # Lowered before the compiled engines load, and the Program dropped right after (when this
             # call loaded it), so the export's temporaries never sit on top of the engines' weights.

@@ -65,7 +65,7 @@ def _key_values(items: Sequence[str]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from slmopt.analysis import analyze
+    from slmopt.analysis.analyze import analyze
     from slmopt.loaders import load_program
 
     program, _ = load_program(args.model)
@@ -79,13 +79,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _describe_type(tp: Any) -> str:
-    from slmopt.pipeline import _describe_type as describe
+    from slmopt.pipeline.options import describe_type as describe
 
     return describe(tp)
 
 
 def cmd_list_passes(args: argparse.Namespace) -> int:
-    from slmopt.pass_base import all_pass_names, config_fields, get_pass_class
+    from slmopt.pipeline.pass_base import all_pass_names, config_fields, get_pass_class
 
     listing = []
     for name in all_pass_names():
@@ -100,7 +100,7 @@ def cmd_list_passes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(listing, indent=2, default=str))
         return 0
-    from slmopt.pipeline import format_value
+    from slmopt.pipeline.options import format_value
 
     for entry in listing:
         aliases = f" (aliases: {', '.join(entry['aliases'])})" if entry["aliases"] else ""
@@ -177,7 +177,7 @@ def _engine_or_program(target: str, threads: int | None) -> tuple[Callable, Any]
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from slmopt.api import CompileOptions
-    from slmopt.evaluation import load_model_data, quality_of
+    from slmopt.data.quality import load_model_data, quality_of
 
     if args.threads:
         import torch
@@ -203,7 +203,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_bench_generation(args: argparse.Namespace) -> int:
-    from slmopt.bench_generation import bench_generation
+    from slmopt.generation.bench import bench_generation
 
     result = bench_generation(
         args.model,
@@ -255,7 +255,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from slmopt.generate import Generator, Sampling
+    from slmopt.generation.generate import Generator, Sampling
     from slmopt.lowering import MANIFEST
 
     if args.prompt is not None and not args.prompt:

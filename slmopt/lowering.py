@@ -41,7 +41,7 @@ MANIFEST = "slmopt.json"
 
 BUILTIN_BACKENDS: dict[str, str] = {
     "torch": "slmopt.backends.torch_backend:TorchBackend",
-    "onnxruntime": "slmopt.backends.onnxrt:OnnxRuntimeBackend",
+    "onnxruntime": "slmopt.backends.onnxrt.backend:OnnxRuntimeBackend",
     "tensorrt": "slmopt.backends.tensorrt.builder:TensorRTBackend",
 }
 _BACKEND_ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "trt": "tensorrt", "pt2": "torch"}

@@ -10,7 +10,7 @@ projection transposed, so each neuron's output row is contiguous). See cuda/fff_
 Kernels: a compiled C++ CPU kernel (cuda/fff_cpu.cpp, built on the first CPU call and cached on disk)
 and a CUDA kernel (cuda/fff.cu, registered by :func:`load_cuda_kernel`). Everything else — a failed
 build, other devices — runs :func:`fff_reference`, the pure-PyTorch reference. Importing this module
-compiles nothing. The op has no autograd formula: train through :class:`slmopt.fff.FFF`'s soft path.
+compiles nothing. The op has no autograd formula: train through :class:`slmopt.passes.fff.layer.FFF`'s soft path.
 
 Example:
     >>> import torch

@@ -21,9 +21,9 @@ from slmopt.memory import release_freed_memory
 
 if TYPE_CHECKING:
     from slmopt.api import CompileOptions
-    from slmopt.evaluation import ModelData
+    from slmopt.data.quality import ModelData
     from slmopt.loaders import LoadedModel
-    from slmopt.pipeline import Pipeline
+    from slmopt.pipeline.parse import Pipeline
     from slmopt.program import Program
     from slmopt.report import CompileReport
 
@@ -78,7 +78,7 @@ def artifact_checks(
     masks = [p for p in pipeline.passes if p.name == "mask-2to4"]
     if not masks or not onnx_file:
         return checks
-    from slmopt.onnx_check import check_nm_onnx
+    from slmopt.backends.onnxrt.check import check_nm_onnx
 
     n, m = masks[0].config.n, masks[0].config.m
     pass_report = next(r for r in report.passes if r["name"] == "mask-2to4")

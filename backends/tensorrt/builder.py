@@ -42,7 +42,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import onnx
 import onnx.numpy_helper
 
-from slmopt.backends.onnxrt import DEFAULT_OPSET, ONNX_DATA_FILE, ONNX_FILE, export_onnx, onnx_op_histogram
+from slmopt.backends.onnxrt.backend import (
+    DEFAULT_OPSET,
+    ONNX_DATA_FILE,
+    ONNX_FILE,
+    export_onnx,
+    onnx_op_histogram,
+)
 from slmopt.backends.tensorrt import plugins, runtime
 from slmopt.backends.tensorrt.errors import check_available
 from slmopt.backends.tensorrt.precision import LOW_PRECISION_OPS, apply_precision

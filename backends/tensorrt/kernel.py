@@ -24,7 +24,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from slmopt import fff_spec
+from slmopt.backends import fff_spec
 from slmopt.native import build
 
 __all__ = [

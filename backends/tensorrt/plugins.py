@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
-from slmopt import fff_spec
+from slmopt.backends import fff_spec
 from slmopt.backends.tensorrt.kernel import (
     DEFAULT_ARCH,
     EXTRA_ARGS,

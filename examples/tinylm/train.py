@@ -33,8 +33,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from slmopt.data import eval_windows
-from slmopt.metrics import cross_entropy_nats, summarize_quality
+from slmopt.data.metrics import cross_entropy_nats, summarize_quality
+from slmopt.data.windows import eval_windows
 
 __all__ = ["TrainConfig", "build_tokenizer", "model_config", "load_corpus", "train", "main"]
 

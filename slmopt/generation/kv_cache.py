@@ -1,0 +1,390 @@
+"""KV cache as a graph transform on a final (already rewritten) causal-LM Program.
+
+The passes keep working on the plain ``input_ids -> logits`` Program; :func:`add_kv_cache` turns the
+*result* into a generation graph, so it composes with every pass: attention layers removed by
+``prune-attn`` are simply not in the graph any more (no cache slot), FFF ops and sliced heads are untouched.
+
+The transform:
+
+* every ``aten.scaled_dot_product_attention`` becomes a call of :func:`attend_with_cache`, which appends the
+  new keys/values (the per-KV-head tensors ``[B, Hkv, S, D]``, found by walking back through HF's GQA
+  ``unsqueeze → expand → reshape`` chain, after RoPE) to the past ones, repeats KV heads for GQA, builds the
+  causal mask of query positions ``P..P+S-1`` against keys ``0..P+S-1`` and runs SDPA. Re-exporting the
+  graph traces that Python function into standard aten ops, so the ONNX exporter sees nothing custom;
+* every ``arange(S)`` over the input's sequence length (HF's ``cache_position``) is offset by the past
+  length ``P`` (read from the first past key's shape), so RoPE and learned position embeddings see
+  positions ``P..P+S-1``. The original mask subgraph becomes dead and is removed;
+* new inputs ``past_key_values.{i}.key/value`` ``[B, Hkv, P, D]`` (``P`` may be 0: prefill) and outputs
+  ``present.{i}.key/value`` ``[B, Hkv, P+S, D]`` after the logits; ``i`` counts the *remaining* attention
+  layers, :attr:`CacheSlot.block` records the original block index.
+
+A self-check (prefill of S tokens, then decode of 1, vs the full forward on S+1 tokens) refuses to return a
+wrong graph for an unfamiliar model family.
+
+Example:
+    >>> from tests.models import capture_model  # doctest: +SKIP
+    >>> cached, layout = add_kv_cache(capture_model("llama"))  # doctest: +SKIP
+    >>> layout.input_names()[:3], layout.kv_bytes_per_token()  # doctest: +SKIP
+    (['input_ids', 'past_key_values.0.key', 'past_key_values.0.value'], 512)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from slmopt.errors import UserError
+from slmopt.program import Program
+
+__all__ = [
+    "CacheLayout",
+    "CacheSlot",
+    "add_kv_cache",
+    "attend_with_cache",
+    "check_cache_program",
+    "empty_past",
+]
+
+log = logging.getLogger(__name__)
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_ARANGE = torch.ops.aten.arange.default
+_SYM_SIZE = torch.ops.aten.sym_size.int
+# Ops of HF's ``repeat_kv`` (GQA): k[:, :, None].expand(B, Hkv, n_rep, S, D).reshape(B, H, S, D).
+_RESHAPES = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
+_EXPANDS = {torch.ops.aten.expand.default}
+_UNSQUEEZES = {torch.ops.aten.unsqueeze.default}
+# Dtype assertions keep dead mask code alive (they count as side effects); they only restate export facts.
+_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DEFAULT_CHECK_TOLERANCE = 1e-4
+
+
+def attend_with_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal attention of ``S`` new queries over ``P`` cached + ``S`` new keys; returns ``(out, k', v')``.
+
+    ``q`` is ``[B, H, S, D]``; ``k, v`` are ``[B, Hkv, S, D]``; ``past_k, past_v`` ``[B, Hkv, P, D]``. Key
+    heads are repeated ``H // Hkv`` times in HF's order (head ``h`` reads KV head ``h // n_rep``).
+
+    Example:
+        >>> q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+        >>> out, pk, pv = attend_with_cache(q, k, k, torch.zeros(1, 2, 0, 8), torch.zeros(1, 2, 0, 8))
+        >>> tuple(out.shape), tuple(pk.shape)
+        ((1, 4, 3, 8), (1, 2, 3, 8))
+    """
+    keys = torch.cat([past_k, k], dim=2)
+    values = torch.cat([past_v, v], dim=2)
+    b, hkv, t, d = keys.shape
+    s, p = q.shape[2], past_k.shape[2]
+    n_rep = q.shape[1] // hkv
+    rep_k, rep_v = keys, values
+    if n_rep > 1:
+        # The same unsqueeze/expand/reshape HF uses: exports to standard ops (repeat_interleave may not).
+        rep_k = keys[:, :, None].expand(b, hkv, n_rep, t, d).reshape(b, hkv * n_rep, t, d)
+        rep_v = values[:, :, None].expand(b, hkv, n_rep, t, d).reshape(b, hkv * n_rep, t, d)
+    query_pos = torch.arange(s, device=q.device) + p
+    key_pos = torch.arange(t, device=q.device)
+    mask = key_pos[None, :] <= query_pos[:, None]
+    out = F.scaled_dot_product_attention(q, rep_k, rep_v, attn_mask=mask, scale=scale)
+    return out, keys, values
+
+
+@dataclass
+class CacheSlot:
+    """One cached attention layer: its position among the remaining ones and where it came from."""
+
+    index: int
+    block: int | None  # original block index (from analysis), None if analysis did not place it
+    node: str  # name of the SDPA node it replaced
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class CacheLayout:
+    """The cache contract of a generation graph: inputs, outputs, shapes and sizes.
+
+    Example:
+        >>> slot = CacheSlot(0, 0, "sdpa", num_heads=4, num_kv_heads=2, head_dim=16)
+        >>> CacheLayout([slot], dtype="float32", vocab_size=128, max_seq_len=64).kv_bytes_per_token()
+        256
+    """
+
+    slots: list[CacheSlot]
+    dtype: str
+    vocab_size: int | None
+    max_seq_len: int | None
+    num_blocks: int = 0
+    layout: str = "[batch, kv_heads, past_seq, head_dim]"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def input_names(self) -> list[str]:
+        names = ["input_ids"]
+        for s in self.slots:
+            names += [f"past_key_values.{s.index}.key", f"past_key_values.{s.index}.value"]
+        return names
+
+    def output_names(self) -> list[str]:
+        names = ["logits"]
+        for s in self.slots:
+            names += [f"present.{s.index}.key", f"present.{s.index}.value"]
+        return names
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes the cache grows by per token and sequence: 2 (K and V) x Hkv x D x dtype size, summed."""
+        size = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return sum(2 * s.num_kv_heads * s.head_dim * size for s in self.slots)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"kv_bytes_per_token": self.kv_bytes_per_token()}
+
+
+def empty_past(layout: CacheLayout, batch: int, length: int = 0) -> list[torch.Tensor]:
+    """Past K/V tensors of ``length`` positions (zeros) for every slot, in input order."""
+    dtype = getattr(torch, layout.dtype)
+    return [
+        torch.zeros(batch, s.num_kv_heads, length, s.head_dim, dtype=dtype)
+        for s in layout.slots
+        for _ in ("key", "value")
+    ]
+
+
+def _kv_source(node: Any) -> Any:
+    """The per-KV-head tensor behind SDPA's k/v argument (skips HF's GQA repeat chain, if any)."""
+    if (
+        isinstance(node, fx.Node)
+        and node.target in _RESHAPES
+        and isinstance(node.args[0], fx.Node)
+        and node.args[0].target in _EXPANDS
+    ):
+        unsq = node.args[0].args[0]
+        if isinstance(unsq, fx.Node) and unsq.target in _UNSQUEEZES and unsq.args[1] == 2:
+            return unsq.args[0]
+    return node
+
+
+def _shape(node: Any) -> tuple[Any, ...] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _slots(program: Program, sdpas: list[fx.Node]) -> list[CacheSlot]:
+    """Cache slots for the SDPA nodes, with block indices and head counts from analysis when it has them."""
+    from slmopt.analysis.analyze import analyze
+
+    by_node = {}
+    try:
+        for block in analyze(program).blocks:
+            if block.attention is not None and block.attention.sdpa:
+                by_node[block.attention.sdpa] = block
+    except Exception as err:  # noqa: BLE001 - analysis is only a source of names/indices here
+        log.info("analysis failed (%s); cache slots get no block index", err)
+    slots = []
+    for i, node in enumerate(sdpas):
+        q_shape, k_shape = _shape(node.args[0]), _shape(_kv_source(node.args[1]))
+        block = by_node.get(node.name)
+        if q_shape is None or k_shape is None:
+            if block is None:
+                raise UserError(f"cannot tell the head counts of attention {node.name} (no shape metadata)")
+            att = block.attention
+            heads, kv_heads, dim = att.num_heads, att.num_kv_heads, att.head_dim
+        else:
+            heads, kv_heads, dim = int(q_shape[1]), int(k_shape[1]), int(k_shape[3])
+        slots.append(CacheSlot(i, block.index if block else None, node.name, heads, kv_heads, dim))
+    return slots
+
+
+def _seq_sizes(graph: fx.Graph, ids: fx.Node) -> set[fx.Node]:
+    return {
+        n for n in graph.nodes if n.op == "call_function" and n.target is _SYM_SIZE and n.args == (ids, 1)
+    }
+
+
+def _offset_positions(graph: fx.Graph, ids: fx.Node, past_len: fx.Node) -> int:
+    """Offsets every ``arange(S)`` over the input's sequence length by the past length; returns how many."""
+    seq = _seq_sizes(graph, ids)
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not _ARANGE or len(node.args) != 1:
+            continue
+        if node.args[0] not in seq:
+            continue
+        with graph.inserting_after(node):
+            shifted = graph.call_function(torch.ops.aten.add.Tensor, (node, past_len))
+        node.replace_all_uses_with(shifted, delete_user_cb=lambda user, new=shifted: user is not new)
+        count += 1
+    return count
+
+
+def add_kv_cache(
+    program: Program, check: bool = True, tolerance: float = DEFAULT_CHECK_TOLERANCE
+) -> tuple[Program, CacheLayout]:
+    """Returns a generation Program ``(input_ids, *past) -> (logits, *present)`` and its cache layout.
+
+    Args:
+        program: a causal-LM Program (``input_ids -> logits``), after any passes; not modified.
+        check: run the prefill+decode vs full-forward self-check (see :func:`check_cache_program`).
+        tolerance: max |diff| the self-check accepts, relative to max(1, max |logits|).
+
+    Raises:
+        UserError: not a causal LM, attention without SDPA, no attention left, or a failed self-check.
+
+    Example:
+        >>> cached, layout = add_kv_cache(program)  # doctest: +SKIP
+        >>> logits, *present = cached.graph_module(ids, *empty_past(layout, ids.shape[0]))  # doctest: +SKIP
+    """
+    family = (program.info.config or {}).get("model_type") or program.info.source
+    if program.info.kind != "causal-lm":
+        raise UserError(
+            f"a KV cache needs a causal LM (input ids -> logits); this model is {program.info.kind!r}"
+        )
+    # The transform rewrites the graph, never a weight: share the tensors instead of copying them (a second
+    # copy of the weights would double the peak memory of lowering a large model).
+    source = program.graph_module
+    shared = {id(t): t for t in (*source.parameters(), *source.buffers())}
+    gm = copy.deepcopy(source, memo=shared)
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UserError(f"a KV cache needs a model with one input (token ids), got {len(placeholders)}")
+    ids = placeholders[0]
+    sdpas = [n for n in graph.nodes if n.op == "call_function" and n.target is _SDPA]
+    if not sdpas:
+        softmax = any(n.target is torch.ops.aten._softmax.default or n.target is torch.ops.aten.softmax.int
+                      for n in graph.nodes)  # fmt: skip
+        why = "hand-written softmax(QK^T)V attention is not supported" if softmax else "no attention remains"
+        raise UserError(f"cannot add a KV cache to {family}: {why} (need scaled_dot_product_attention)")
+    slots = _slots(program, sdpas)
+
+    # Plain calling convention: positional tensors in, a flat tuple out (no pytree specs, no export guards).
+    for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    graph._codegen = fx.graph.CodeGen()
+    pasts: list[fx.Node] = []
+    last = placeholders[-1]
+    for slot in slots:
+        for kind in ("key", "value"):
+            with graph.inserting_after(last):
+                last = graph.placeholder(f"past_key_values_{slot.index}_{kind}")
+            pasts.append(last)
+    with graph.inserting_after(last):
+        past_len = graph.call_function(_SYM_SIZE, (pasts[0], 2))
+    shifted = _offset_positions(graph, ids, past_len)
+    if shifted == 0:
+        log.warning("no arange over the sequence length found in %s: positions are not offset", family)
+
+    presents: list[fx.Node] = []
+    for slot, node in zip(slots, sdpas, strict=True):
+        q, k, v = node.args[:3]
+        extra = dict(zip(("attn_mask", "dropout_p", "is_causal"), node.args[3:], strict=False))
+        extra.update(node.kwargs)
+        if extra.get("dropout_p", 0.0):
+            raise UserError(f"attention {node.name} uses dropout; capture the model in eval mode")
+        with graph.inserting_before(node):
+            call = graph.call_function(
+                attend_with_cache,
+                (q, _kv_source(k), _kv_source(v), pasts[2 * slot.index], pasts[2 * slot.index + 1]),
+                {"scale": extra.get("scale")},
+            )
+            out, pk, pv = (graph.call_function(operator.getitem, (call, j)) for j in range(3))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        presents += [pk, pv]
+    output = next(n for n in graph.nodes if n.op == "output")
+    logits = output.args[0]
+    while isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    output.args = ((logits, *presents),)
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in _ASSERTS]:
+        graph.erase_node(node)
+
+    dtype = _DTYPE_NAMES.get(_param_dtype(gm), "float32")
+    layout = CacheLayout(
+        slots=slots,
+        dtype=dtype,
+        vocab_size=program.info.vocab_size,
+        max_seq_len=program.info.max_seq_len,
+        num_blocks=int((program.info.config or {}).get("num_hidden_layers") or 0) or len(slots),
+        extra={"model_type": family},
+    )
+    info = copy.deepcopy(program.info)
+    info.input_names = layout.input_names()
+    info.dynamic_dims = [{0: "batch", 1: "seq"}] + [{0: "batch", 2: "past"}] * (2 * len(slots))
+    ctx = info.max_seq_len or 1 << 16
+    # Export specialises example sizes 0/1, so the example has past 4 / seq 3; the declared range still
+    # admits P = 0 (prefill) and S = 1 (decode).
+    info.dim_bounds = {**info.dim_bounds, "past": (0, ctx), "seq": (1, ctx)}
+    batch = int(program.example_inputs[0].shape[0])
+    gen = torch.Generator().manual_seed(0)
+    example_ids = torch.randint(0, int(info.vocab_size or 2), (batch, 3), generator=gen)
+    past = [
+        torch.randn(t.shape[:2] + (4,) + t.shape[3:], generator=gen).to(t.dtype)
+        for t in empty_past(layout, batch)
+    ]
+    cached = Program(
+        graph_module=gm,
+        example_inputs=(example_ids, *past),
+        info=info,
+        history=copy.deepcopy(program.history) + [{"name": "kv-cache", "slots": len(slots)}],
+        lowering_hints=copy.deepcopy(program.lowering_hints),
+    )
+    cached.recompile()
+    if check:
+        check_cache_program(program, cached, layout, tolerance=tolerance)
+    return cached, layout
+
+
+def _param_dtype(gm: fx.GraphModule) -> torch.dtype:
+    for p in gm.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def check_cache_program(
+    original: Program, cached: Program, layout: CacheLayout, tolerance: float = DEFAULT_CHECK_TOLERANCE
+) -> float:
+    """Prefill S tokens (P = 0), decode 1 more, compare with the full forward on S+1; returns max |diff|.
+
+    Raises:
+        UserError: naming the model family, when the cache graph disagrees with the original.
+    """
+    family = layout.extra.get("model_type", original.info.source)
+    ids = original.example_inputs[0]
+    batch, seq = int(ids.shape[0]), int(ids.shape[1])
+    if seq < 2:
+        ids = torch.cat([ids, ids], dim=1)
+        seq = ids.shape[1]
+    with torch.no_grad():
+        full = original(ids).float()
+        prefill, *present = cached.graph_module(ids[:, : seq - 1], *empty_past(layout, batch))
+        step, *_ = cached.graph_module(ids[:, seq - 1 :], *present)
+    got = torch.cat([prefill, step], dim=1).float()
+    if got.shape != full.shape:
+        raise UserError(f"KV-cache graph of {family}: logits shape {tuple(got.shape)} != {tuple(full.shape)}")
+    diff = float((got - full).abs().max())
+    limit = tolerance * max(1.0, float(full.abs().max()))
+    if not diff <= limit:
+        raise UserError(
+            f"KV-cache transform is not supported for this {family} model: prefill+decode differs from the "
+            f"full forward by {diff:.3g} (> {limit:.3g}); its positions or masking follow a pattern slmopt "
+            "does not recognise"
+        )
+    return diff

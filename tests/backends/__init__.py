@@ -1,0 +1,1 @@
+"""Tests of the backends room (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""Tests of the core room (see docs/ARCHITECTURE.md)."""

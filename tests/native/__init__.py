@@ -1,0 +1,1 @@
+"""Tests of the native room (see docs/ARCHITECTURE.md)."""

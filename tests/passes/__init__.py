@@ -1,0 +1,1 @@
+"""Tests of the passes room (see docs/ARCHITECTURE.md)."""
