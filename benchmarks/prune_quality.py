@@ -48,7 +48,7 @@ RANDOM_DRAWS = 5
 
 
 def _prune(program: Program, options: str, calib: torch.Tensor, extras: dict[str, Any] | None = None):
-    ctx = PassContext(calib=calib, progress=False, extras=extras or {})
+    ctx = PassContext(calib=calib, progress=False, **(extras or {}))  # typed PassContext fields
     new, reports = PassManager(parse_pipeline(f"prune-attn{{{options}}}")).run(program, ctx)
     return new, reports[0]
 
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     extras: dict[str, Any] = {"eval_tokens": heldout_data}  # EvalData: tokens + bytes per token
     if args.out:
-        extras["artifact_dir"] = str(args.out)
+        extras["artifact_dir"] = Path(args.out)
     pruned, cosine = runner.variant("cosine", "remove=1,metric=cosine,sweep=true", extras)
     kv = cosine.metrics["kv_cache_bytes_per_token"]["fp32"]
     runner.row("original", [], cosine.metrics["quality"]["before"]["bits_per_byte"], program.num_params(),

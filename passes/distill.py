@@ -89,6 +89,8 @@ class Distill(Pass):
         True
     """
 
+    needs_original = True  # the teacher is ctx.reference: the pipeline must keep the untouched input
+
     @dataclass(frozen=True)
     class Config:
         mode: Literal["logits", "local"] = field(default="logits", metadata={"help": "logits|local"})

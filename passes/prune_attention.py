@@ -403,8 +403,8 @@ class PruneAttention(Pass):
 
     # -- report helpers -------------------------------------------------------------------------------
     def _eval_data(self, program: Program, ctx: PassContext, calib: torch.Tensor | None) -> dict | None:
-        """Held-out tokens from ``ctx.extras["eval_tokens"]`` (tensor or EvalData); calibration for sweeps."""
-        given = ctx.extras.get("eval_tokens")
+        """Held-out tokens from ``ctx.eval_tokens`` (tensor or EvalData); calibration for sweeps."""
+        given = ctx.eval_tokens
         if program.info.kind != "causal-lm":
             if given is not None or self.config.sweep:
                 log.info("quality before/after needs a causal LM's logits: skipped for %s", program.info.kind)
@@ -414,12 +414,12 @@ class PruneAttention(Pass):
             tokens, name = calib, "calibration"
         if tokens is None:
             return None
-        bpt = getattr(given, "bytes_per_token", None) or ctx.extras.get("eval_bytes_per_token")
+        bpt = getattr(given, "bytes_per_token", None)
         return {"tokens": tokens, "name": name, "bytes_per_token": bpt, "byte_level": program.info.byte_level}
 
     def _plots(self, ctx: PassContext, units, scores, removed, sweep) -> list[str]:
-        """PNG charts into ``ctx.extras["artifact_dir"]`` (none when unset or matplotlib is missing)."""
-        folder, cfg = ctx.extras.get("artifact_dir"), self.config
+        """PNG charts into ``ctx.artifact_dir`` (none when unset or matplotlib is missing)."""
+        folder, cfg = ctx.artifact_dir, self.config
         if folder is None:
             return []
         from slmopt import plots

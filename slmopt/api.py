@@ -11,31 +11,29 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from slmopt import artifacts as artifacts_module
 from slmopt import distributed
-from slmopt.atomic import disk_full_error, recover_stale
-from slmopt.data.quality import ModelData, evaluate_quality, load_model_data
+from slmopt.atomic import recover_stale, replace_output, staging_folder
+from slmopt.data.quality import load_model_data
 from slmopt.errors import PassError, UserError
-from slmopt.loaders import LoadedModel, load_program
-from slmopt.lowering import MANIFEST, get_backend, resolve_backend_name
+from slmopt.loaders import load_program
+from slmopt.lowering import DEFAULT_BACKEND, get_backend, resolve_backend_name
 from slmopt.memory import release_freed_memory
 from slmopt.pipeline.instruments import DumpGraph, TimePasses, VerifyEach
 from slmopt.pipeline.manager import PassContext, PassManager
 from slmopt.pipeline.parse import Pipeline, parse_pipeline
+from slmopt.pipeline.pass_base import all_pass_names, get_pass_class
 from slmopt.program import Program
 from slmopt.report import CompileReport
-from slmopt.verification import artifact_checks, bench_latency, parity
+from slmopt.verification import bench_latency
 
 __all__ = ["CompileOptions", "CompileResult", "compile"]
 
@@ -48,7 +46,7 @@ class CompileOptions:
     is for API callers: the CLI never reads the returned Program and passes False)."""
 
     passes: str = ""
-    backend: str = "onnxruntime"
+    backend: str = DEFAULT_BACKEND
     output_dir: str | None = None
     force: bool = False
     calib: str | None = None
@@ -163,7 +161,7 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
     # weight a pass replaces would stay alive through it — a second copy of the model during the passes.
     loaded.module = None
     data = load_model_data(loaded.info, options)
-    with _staging(out if distributed.is_main() else None) as staging:  # only rank 0 writes
+    with staging_folder(out if distributed.is_main() else None) as staging:  # only rank 0 writes
         ctx = PassContext(
             calib=data.calib,
             seed=options.seed,
@@ -171,7 +169,9 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             backend=resolve_backend_name(options.backend),
             progress=options.progress and distributed.is_main(),
             instruments=_instruments(options),
-            extras={"tokenizer": data.tokenizer, "eval_tokens": data.eval, "artifact_dir": staging},
+            eval_tokens=data.eval,
+            tokenizer=data.tokenizer,
+            artifact_dir=staging,
         )
         torch.manual_seed(options.seed)
         try:
@@ -206,31 +206,27 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             program = ctx.reference = None
         release_freed_memory(collect_cycles=True)  # the passes' garbage must not sit under the lowering
         if staging is not None and out is not None and manager.variants:
-            _write_subnets(program, manager, pass_reports, loaded, data, options, report, staging)
+            folders = artifacts_module.write_variants(program, manager, pass_reports, loaded, data, options,
+                                                      report, staging)  # fmt: skip
             report.seconds = time.perf_counter() - started
             report.write(staging)
-            _replace(staging, out)
-            artifacts = {row["budget"]: out / row["folder"] for row in report.subnets}
+            replace_output(staging, out)
+            artifacts = {name: out / folder for name, folder in folders.items()}
         elif staging is not None and out is not None:
-            lowered = _lower_and_verify(
-                program, transformed, pipeline, loaded, data, options, report, staging
-            )
+            lowered = artifacts_module.lower_and_verify(program, transformed, loaded, data, options, report,
+                                                        staging)  # fmt: skip
             if not options.keep_program:
                 transformed = None  # written and verified: the bench needs only the files
             report.latency = bench_latency(program, staging, loaded, options)
             report.seconds = time.perf_counter() - started
             report.write(staging)
-            _replace(staging, out)
+            replace_output(staging, out)
             artifacts = {name: out / rel for name, rel in lowered.items()}
     report.seconds = time.perf_counter() - started
     out = out if distributed.is_main() else None
     return CompileResult(
         program=transformed, report=report, artifacts=artifacts, output_dir=out, variants=manager.variants
     )
-
-
-# Passes that compare against the untouched input (ctx.reference): distillation's teacher.
-_PASSES_NEEDING_ORIGINAL = frozenset({"distill"})
 
 
 def _reads_original_after_passes(options: CompileOptions, reloadable: bool) -> bool:
@@ -252,129 +248,28 @@ def _needs_original(options: CompileOptions, pipeline: Pipeline, reloadable: boo
     uses = (
         _reads_original_after_passes(options, reloadable),  # quality (and latency) before/after
         options.verify_each,  # max |diff| vs the original after each pass
-        any(p.name in _PASSES_NEEDING_ORIGINAL for p in pipeline.passes),
+        any(p.needs_original for p in pipeline.passes),  # e.g. a distillation teacher (ctx.reference)
     )
     return any(uses)
 
 
 def _replay_pipeline(pipeline: Pipeline, path: str) -> Pipeline:
-    """The pipeline of an earlier run (unless one is given) with ``elastic{replay=path}`` set."""
-    from dataclasses import replace
+    """The pipeline of an earlier run (unless one is given) with its replaying pass pointed at ``path``.
 
+    The pass declares which Config field takes the report (``Pass.replay_option``).
+    """
     try:
         recorded = json.loads(Path(path).expanduser().read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read replay report {path}: {err}") from None
     if not pipeline.passes:
         pipeline = parse_pipeline(recorded.get("pipeline", ""))
-    elastic = [p for p in pipeline.passes if p.name == "elastic"]
-    if not elastic:
-        raise UserError("--replay needs an elastic pass in the pipeline")
-    elastic[0].config = replace(elastic[0].config, replay=str(Path(path).expanduser().resolve()))
-    return pipeline
-
-
-def _write_subnets(
-    original: Program | None,
-    manager: PassManager,
-    pass_reports: list[Any],
-    loaded: LoadedModel,
-    data: ModelData,
-    options: CompileOptions,
-    report: CompileReport,
-    staging: Path,
-) -> None:
-    """Lowers every fan-out variant into ``staging/subnet-<name>/`` and fills the top-level table."""
-    from slmopt.passes.elastic.report import subnet_row, write_pareto
-
-    fanned = pass_reports[-1]
-    for name, (program, reports) in manager.variants.items():
-        folder = staging / f"subnet-{name}"
-        folder.mkdir()
-        sub = CompileReport(
-            pipeline=report.pipeline,
-            source=report.source,
-            backend=report.backend,
-            model=report.model,
-            passes=[r.to_dict() for r in [*pass_reports, *reports]],
-            params_before=report.params_before,
-            params_after=program.num_params(),
+    replaying = [p for p in pipeline.passes if p.replay_option]
+    if not replaying:
+        able = [n for n in all_pass_names() if get_pass_class(n).replay_option]
+        raise UserError(
+            f"--replay needs a pass that replays recorded decisions in the pipeline: {', '.join(able)}"
         )
-        _lower_and_verify(original, program, manager.pipeline, loaded, data, options, sub, folder)
-        sub.latency = bench_latency(original, folder, loaded, options)
-        sub.write(folder)
-        report.subnets.append(subnet_row(name, folder, sub, fanned.metrics, options))
-        if sub.quality and not report.quality:  # the original model's held-out quality, once
-            report.quality = {"before": sub.quality["before"], "after": {}}
-    pareto = write_pareto(report.subnets, staging)
-    report.artifacts = {"pareto": pareto} if pareto else {}
-
-
-@contextmanager
-def _staging(out: Path | None) -> Iterator[Path | None]:
-    """A temporary sibling of ``out`` that everything is written into; removed if anything fails.
-
-    Renaming it into place at the end is what makes an interrupted run leave no half-written output.
-    """
-    if out is None:
-        yield None
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        yield tmp
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        full = disk_full_error(err, out.parent)  # ENOSPC/EDQUOT/EFBIG anywhere in the chain: one clear line
-        if full is not None:
-            raise full from err
-        raise
-
-
-def _lower_and_verify(
-    original: Program | None,
-    program: Program,
-    pipeline: Pipeline,
-    loaded: LoadedModel,
-    data: ModelData,
-    options: CompileOptions,
-    report: CompileReport,
-    folder: Path,
-) -> dict[str, str]:
-    """Lowers into ``folder``, loads the engine back, checks parity/artifacts and measures quality."""
-    backend = get_backend(options.backend)
-    lowered = backend.lower(program, folder, dict(options.backend_options))
-    release_freed_memory()  # export temporaries, before the engine's session is opened
-    report.artifacts = dict(lowered.artifacts)
-    report.lowering = lowered.metadata
-    manifest = {
-        "backend": lowered.backend,
-        "artifacts": lowered.artifacts,
-        "pipeline": report.pipeline,
-        "model": loaded.info.to_dict(),
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    engine = backend.load(folder, threads=options.threads)
-    report.parity = parity(program, engine, data, options.parity_tolerance)
-    report.checks = artifact_checks(pipeline, report, folder, set(program.graph_module.state_dict()))
-    if data.eval is not None:
-        report.quality = evaluate_quality(original, engine, data, progress=options.progress)
-    return dict(lowered.artifacts)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Moves ``tmp`` to ``out``; an existing ``out`` (``--force``) is swapped out first, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None and not out.exists():
-            old.rename(out)  # e.g. SIGTERM between the renames: put the previous output back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    first = replaying[0]
+    first.config = replace(first.config, **{first.replay_option: str(Path(path).expanduser().resolve())})
+    return pipeline

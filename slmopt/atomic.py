@@ -1,4 +1,4 @@
-"""Crash safety of output folders: recovering what a killed run left behind, and clear disk-full errors.
+"""Crash safety of output folders: atomic staging, recovering what a killed run left behind, disk-full errors.
 
 ``slmopt compile`` writes into a hidden sibling ``.<out>.tmp-<pid>`` and renames it into place; ``--force``
 first renames the previous output to ``.<out>.old-<pid>``. SIGTERM unwinds through the cleanup, but SIGKILL
@@ -20,11 +20,20 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from slmopt.errors import UserError
 
-__all__ = ["DISK_FULL_ERRNOS", "disk_full_error", "pid_alive", "recover_stale"]
+__all__ = [
+    "DISK_FULL_ERRNOS",
+    "disk_full_error",
+    "pid_alive",
+    "recover_stale",
+    "replace_output",
+    "staging_folder",
+]
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +105,52 @@ def disk_full_error(err: BaseException, where: Path) -> UserError | None:
             )
         cur = cur.__cause__ or cur.__context__
     return None
+
+
+@contextmanager
+def staging_folder(out: Path | None) -> Iterator[Path | None]:
+    """A temporary sibling of ``out`` that everything is written into; removed if anything fails.
+
+    Renaming it into place at the end (:func:`replace_output`) is what makes an interrupted run leave no
+    half-written output. ``out=None`` (nothing to write) yields None.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "out"
+        >>> with staging_folder(out) as tmp:
+        ...     _ = (tmp / "a.txt").write_text("x")
+        ...     replace_output(tmp, out)
+        >>> sorted(p.name for p in out.iterdir())
+        ['a.txt']
+    """
+    if out is None:
+        yield None
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(err, out.parent)  # ENOSPC/EDQUOT/EFBIG anywhere in the chain: one clear line
+        if full is not None:
+            raise full from err
+        raise
+
+
+def replace_output(tmp: Path, out: Path) -> None:
+    """Moves ``tmp`` to ``out``; an existing ``out`` (``--force``) is swapped out first, then deleted."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None and not out.exists():
+            old.rename(out)  # e.g. SIGTERM between the renames: put the previous output back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

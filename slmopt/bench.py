@@ -27,15 +27,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from slmopt.loaders import load_program
+from slmopt.lowering import MANIFEST, get_backend, load_engine, read_manifest, resolve_backend_name
 from slmopt.memory import release_freed_memory
-
-if TYPE_CHECKING:
-    from slmopt.program import ModelInfo, Program
+from slmopt.program import ModelInfo, Program
 
 __all__ = [
     "BenchResult",
@@ -294,16 +294,11 @@ def make_inputs(
 
 def _original_from_path(path: str | Path, threads: int) -> tuple[Any, ModelInfo, tuple[torch.Tensor, ...]]:
     """An slmopt output folder loads as an engine; anything else is loaded and captured (slmopt.loaders)."""
-    from slmopt.lowering import MANIFEST, load_engine, read_manifest
-    from slmopt.program import ModelInfo
-
     if Path(path).is_dir() and (Path(path) / MANIFEST).is_file():
         manifest = read_manifest(path)
         if "model" not in manifest:
             raise ValueError(f"{path}/{MANIFEST} has no model info; cannot make inputs for it")
         return load_engine(path, threads=threads), ModelInfo(**manifest["model"]), ()
-    from slmopt.loaders import load_program
-
     program, _ = load_program(path)
     return program, program.info, program.example_inputs
 
@@ -348,9 +343,6 @@ def bench_model_vs_compiled(
     Example:
         >>> # print(bench_model_vs_compiled(program, "out/", threads=1, batch=1, seq=128).table())
     """
-    from slmopt.lowering import get_backend, load_engine, read_manifest, resolve_backend_name
-    from slmopt.program import ModelInfo, Program
-
     folders = [compiled_dir] if isinstance(compiled_dir, (str, Path)) else list(compiled_dir)
     if not folders:
         raise ValueError("no compiled folder to bench")

@@ -65,7 +65,7 @@ def _key_values(items: Sequence[str]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from slmopt.analysis.analyze import analyze
+    from slmopt.analysis import analyze
     from slmopt.loaders import load_program
 
     program, _ = load_program(args.model)

@@ -17,19 +17,24 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
+
+from slmopt.errors import UserError
 
 if TYPE_CHECKING:
     from slmopt.program import Program
 
 __all__ = [
     "BUILTIN_BACKENDS",
+    "DEFAULT_BACKEND",
     "MANIFEST",
     "Backend",
+    "Decoder",
     "Engine",
     "LoweringResult",
+    "folder_backend",
     "get_backend",
     "load_engine",
     "onnx_translations",
@@ -38,6 +43,7 @@ __all__ = [
 ]
 
 MANIFEST = "slmopt.json"
+DEFAULT_BACKEND = "onnxruntime"  # what `slmopt compile` lowers to unless told otherwise
 
 BUILTIN_BACKENDS: dict[str, str] = {
     "torch": "slmopt.backends.torch_backend:TorchBackend",
@@ -84,6 +90,46 @@ class Backend(ABC):
     def load(self, out_dir: Path, threads: int | None = None, **options: Any) -> Engine:
         """Loads the artifacts that :meth:`lower` wrote."""
 
+    def check_artifacts(self, program: Program, out_dir: Path, artifacts: dict[str, str]) -> dict[str, Any]:
+        """Reads the written artifacts back and checks what the passes promised in ``program.lowering_hints``
+        (e.g. an N:M weight pattern). Returns ``report.checks`` entries; raises RuntimeError on a failure.
+        """
+        return {}
+
+    def lower_decoder(self, program: Program, out_dir: Path, options: dict[str, Any]) -> dict[str, str]:
+        """Writes an incremental (KV-cache) decoder of a causal LM into ``out_dir``; returns its artifacts."""
+        raise UserError(f"the {self.name} backend cannot write a KV-cache decoder; use {DEFAULT_BACKEND}")
+
+    def has_decoder(self, out_dir: Path) -> bool:
+        """Whether ``out_dir`` holds a decoder :meth:`load_decoder` can open."""
+        return False
+
+    def load_decoder(self, out_dir: Path, threads: int | None = None, **options: Any) -> Decoder:
+        """Opens the decoder that :meth:`lower` (or :meth:`lower_decoder`) wrote into ``out_dir``."""
+        raise UserError(
+            f"{out_dir} is a {self.name} engine without a KV-cache decoder: it is not a generation engine "
+            f"(only causal LMs lowered with the {DEFAULT_BACKEND} backend and generation enabled have one)"
+        )
+
+
+class Decoder(Protocol):
+    """An incremental decoder: ``(ids, past) -> (logits [B, S, V], present)``.
+
+    ``layout`` describes the cache (``slmopt.generation.kv_cache.CacheLayout``) and ``config`` the
+    generation settings written next to it (a ``genai_config.json``-style dict with ``"model"`` and
+    ``"slmopt"`` sections).
+    """
+
+    backend: str
+    layout: Any
+    config: dict[str, Any]
+
+    def empty_past(self, batch: int) -> list[Any]: ...
+
+    def __call__(self, ids: Any, past: list[Any]) -> tuple[torch.Tensor, list[Any]]: ...
+
+    def describe(self) -> str: ...
+
 
 def resolve_backend_name(name: str) -> str:
     canonical = _BACKEND_ALIASES.get(name, name)
@@ -114,6 +160,14 @@ def load_engine(folder: str | Path, threads: int | None = None, **options: Any) 
     """Loads the engine of an slmopt output folder, whatever its backend."""
     manifest = read_manifest(folder)
     return get_backend(manifest["backend"]).load(Path(folder), threads=threads, **options)
+
+
+def folder_backend(folder: str | Path) -> Backend:
+    """The backend that wrote ``folder``: the manifest's, or the default backend for a folder that a
+    backend's ``lower`` wrote directly (no ``slmopt.json``)."""
+    if (Path(folder) / MANIFEST).is_file():
+        return get_backend(read_manifest(folder)["backend"])
+    return get_backend(DEFAULT_BACKEND)
 
 
 # Custom-op translations for the ONNX exporter. Passes that emit custom ops (e.g. ``slmopt::fff``) register

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "NM_HINT",
     "apply_mask",
     "check_divisible",
     "count_negative_zeros",
@@ -35,6 +36,10 @@ __all__ = [
     "nm_valid_fraction",
     "validate_nm",
 ]
+
+# ``Program.lowering_hints`` key of an N:M promise, ``{"n": 2, "m": 4, "weights": [parameter targets]}``:
+# set by the pass that masks, read by backends that check the pattern survived into their artifacts.
+NM_HINT = "nm_sparsity"
 
 
 def validate_nm(n: int, m: int) -> None:

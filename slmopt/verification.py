@@ -1,12 +1,11 @@
 """What ``slmopt.compile`` checks and measures on an engine it has just written.
 
-:func:`parity` compares the engine with the Program it was lowered from, :func:`artifact_checks` reads the
-written files back (the N:M pattern of the saved ONNX weights), :func:`bench_latency` times the original
-against the engine side by side (``report.latency``).
+:func:`parity` compares the engine with the Program it was lowered from and :func:`bench_latency` times the
+original against the engine side by side (``report.latency``). The written files themselves are checked by
+their backend (:meth:`slmopt.lowering.Backend.check_artifacts`).
 
 Example:
     >>> # report.parity = parity(program, engine, data, tolerance=1e-4)
-    >>> # report.checks = artifact_checks(pipeline, report, out_dir, set(program.graph_module.state_dict()))
 """
 
 from __future__ import annotations
@@ -17,17 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from slmopt.bench import bench_model_vs_compiled  # the same measurement `slmopt bench` makes
 from slmopt.memory import release_freed_memory
 
 if TYPE_CHECKING:
     from slmopt.api import CompileOptions
     from slmopt.data.quality import ModelData
     from slmopt.loaders import LoadedModel
-    from slmopt.pipeline.parse import Pipeline
     from slmopt.program import Program
-    from slmopt.report import CompileReport
 
-__all__ = ["BENCH_SEQ", "artifact_checks", "bench_latency", "parity"]
+__all__ = ["BENCH_SEQ", "bench_latency", "parity"]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +42,6 @@ def bench_latency(
     """
     if not options.bench or loaded.info.kind == "module":
         return {}
-    from slmopt.bench import bench_model_vs_compiled  # the same measurement `slmopt bench` makes
-
     release_freed_memory()  # the parity session and friends: the bench opens two engines of its own
     threads = options.threads or torch.get_num_threads()
     seq = min(BENCH_SEQ, loaded.info.max_seq_len or BENCH_SEQ)
@@ -67,32 +63,3 @@ def parity(program: Program, engine: Any, data: ModelData, tolerance: float) -> 
     if worst > tolerance:
         log.warning("parity %.3g exceeds tolerance %.1g", worst, tolerance)
     return {"max_abs_diff": worst, "tolerance": tolerance, "passed": worst <= tolerance, "shapes": len(diffs)}
-
-
-def artifact_checks(
-    pipeline: Pipeline, report: CompileReport, folder: Path, present: set[str]
-) -> dict[str, Any]:
-    """Checks on the written artifacts themselves (the N:M pattern read back from the ONNX file)."""
-    checks: dict[str, Any] = {}
-    onnx_file = report.artifacts.get("onnx")
-    masks = [p for p in pipeline.passes if p.name == "mask-2to4"]
-    if not masks or not onnx_file:
-        return checks
-    from slmopt.backends.onnxrt.check import check_nm_onnx
-
-    n, m = masks[0].config.n, masks[0].config.m
-    pass_report = next(r for r in report.passes if r["name"] == "mask-2to4")
-    # A later pass may have replaced masked weights (fff swaps the FFN linears for a tree): check the rest.
-    names = [c["target"] for c in pass_report["changes"] if c["target"] in present]
-    result = check_nm_onnx(folder / onnx_file, n=n, m=m, names=names)
-    expected = [r for r in result.rows if r.expected]
-    checks[f"onnx_{n}to{m}"] = {
-        "passed": result.passed(names),
-        "weights_checked": len(expected),
-        "weights_masked": len(names),
-        "min_valid_fraction": min((r.valid_fraction or 0.0 for r in expected), default=None),
-        "negative_zeros": sum(r.negative_zeros for r in expected),
-    }
-    if not result.passed(names):
-        raise RuntimeError(f"the saved ONNX does not hold the {n}:{m} pattern:\n{result.table()}")
-    return checks

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from slmopt.program import Program
-from tests.models import ZOO, capture_model
+from tests.helpers import captured
+from tests.models import ZOO
 
 
 @functools.cache
@@ -78,15 +79,10 @@ class ZooPrograms:
     ``zoo[name]`` is the shared Program: read it, never modify it. ``zoo.fresh(name)`` is a private clone.
     """
 
-    def __init__(self) -> None:
-        self._cache: dict[str, Program] = {}
-
     def __getitem__(self, name: str) -> Program:
         if name not in ZOO:
             raise KeyError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO)}")
-        if name not in self._cache:
-            self._cache[name] = capture_model(name)
-        return self._cache[name]
+        return captured(name)  # the same session cache as tests.helpers
 
     def fresh(self, name: str) -> Program:
         return self[name].clone()

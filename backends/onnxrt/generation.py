@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from slmopt.backends.onnxrt.backend import export_onnx, make_session
+from slmopt.backends.onnxrt.export import export_onnx
+from slmopt.backends.onnxrt.session import make_session
 from slmopt.errors import UserError
 from slmopt.generation.kv_cache import CacheLayout, CacheSlot, add_kv_cache, empty_past
 

@@ -47,6 +47,7 @@ from slmopt.backends.onnxrt.backend import (
     ONNX_DATA_FILE,
     ONNX_FILE,
     export_onnx,
+    nm_artifact_checks,
     onnx_op_histogram,
 )
 from slmopt.backends.tensorrt import plugins, runtime
@@ -369,6 +370,10 @@ class TensorRTBackend(Backend):
         )
         metadata = {**meta, **{k: manifest[k] for k in keys}}
         return LoweringResult(backend=self.name, artifacts=artifacts, metadata=metadata)
+
+    def check_artifacts(self, program: Program, out_dir: Path, artifacts: dict[str, str]) -> dict[str, Any]:
+        """The N:M pattern a sparsity pass promised, read back from the bundle's ``model.onnx``."""
+        return nm_artifact_checks(program, Path(out_dir), artifacts)
 
     def load(
         self, out_dir: Path, threads: int | None = None, device: Any = None, **options: Any

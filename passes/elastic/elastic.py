@@ -40,6 +40,7 @@ from slmopt.passes.elastic.plan import (
     score_orders,
     uniform_plan,
 )
+from slmopt.passes.elastic.report import subnet_row, write_pareto
 from slmopt.passes.elastic.surgery import attention_layouts, extract, reorder
 from slmopt.passes.importance import units_of
 from slmopt.pipeline.pass_base import Change, Pass, PassResult, register_pass
@@ -113,6 +114,19 @@ class Elastic(Pass):
             ]
             for message in (m for bad, m in checks if bad):
                 raise ValueError(message)
+
+    replay_option = "replay"  # `--replay REPORT` sets this Config field
+
+    def variant_row(
+        self, name: str, folder: Path, report: Any, metrics: dict[str, Any], options: Any
+    ) -> dict[str, Any]:
+        """The subnet's row: size, FLOPs, measured latency on the target backend, quality (see ``report``)."""
+        return subnet_row(name, folder, report, metrics, options)
+
+    def write_variant_summary(self, rows: list[dict[str, Any]], folder: Path) -> dict[str, str]:
+        """``pareto.png`` (quality vs latency) when the subnets have held-out quality."""
+        pareto = write_pareto(rows, folder)
+        return {"pareto": pareto} if pareto else {}
 
     def requires(self, program: Program, ctx: PassContext) -> None:
         if not self.config.replay:
@@ -288,7 +302,7 @@ class Elastic(Pass):
 
     def _quality(self, program: Program, ctx: PassContext) -> dict[str, Any] | None:
         """Held-out quality of a (sub)program when eval tokens are available (causal LMs only)."""
-        given = ctx.extras.get("eval_tokens")
+        given = ctx.eval_tokens
         tokens = getattr(given, "tokens", given)
         if tokens is None or program.info.kind != "causal-lm":
             return None

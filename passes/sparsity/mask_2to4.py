@@ -35,7 +35,7 @@ from slmopt.data.runner import CALIB_BATCH
 from slmopt.passes.sparsity.methods import PRUNE_METHODS, relative_output_error, relative_weight_error
 from slmopt.passes.sparsity.stats import InputStats, collect_input_stats, dataflow_groups
 from slmopt.pipeline.pass_base import Change, Pass, PassReport, PassResult, register_pass
-from slmopt.sparsity import apply_mask, count_negative_zeros, nm_valid_fraction, validate_nm
+from slmopt.sparsity import NM_HINT, apply_mask, count_negative_zeros, nm_valid_fraction, validate_nm
 
 if TYPE_CHECKING:
     from slmopt.analysis.structure import LinearInfo
@@ -192,6 +192,12 @@ class Mask2to4(Pass):
             for node in group:
                 rows.append(self._mask_one(program, by_node[node], stats.get(node), report))
         self._masked = [(row["name"], row["axis"]) for row in rows]
+        # The promise backends check in what they write (the pattern must survive export).
+        program.lowering_hints[NM_HINT] = {
+            "n": cfg.n,
+            "m": cfg.m,
+            "weights": [c.target for c in report.changes],
+        }
         report.metrics["layers"] = rows
         report.metrics["totals"] = _totals(rows, program)
         log.info(

@@ -35,6 +35,9 @@ import torch
 
 from slmopt.bench import compare_latency
 from slmopt.errors import UserError
+from slmopt.loaders import load_program
+from slmopt.lowering import Backend, folder_backend
+from slmopt.program import Program
 
 __all__ = ["GenerationBench", "bench_cache_vs_recompute", "bench_generation"]
 
@@ -86,19 +89,15 @@ def _ids(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, length), dtype=np.int64)
 
 
-def _original_decoder(original: Any, tmp: Path, threads: int) -> Any:
-    """The original model's decoder: an engine folder as it is; a model captured, cached and lowered."""
-    from slmopt.backends.onnxrt.generation import GENAI_CONFIG, OnnxDecoder, lower_generation
-    from slmopt.program import Program
-
-    if isinstance(original, (str, Path)) and (Path(original) / GENAI_CONFIG).is_file():
-        return OnnxDecoder(original, threads=threads, allow_spinning=False)
+def _original_decoder(original: Any, backend: Backend, tmp: Path, threads: int) -> Any:
+    """The original model's decoder: an engine folder as it is; a model captured, cached and lowered by
+    ``backend`` (the compiled folder's, so both decoders run in the same runtime)."""
+    if isinstance(original, (str, Path)) and folder_backend(original).has_decoder(Path(original)):
+        return folder_backend(original).load_decoder(Path(original), threads=threads, allow_spinning=False)
     if not isinstance(original, Program):
-        from slmopt.loaders import load_program
-
         original = load_program(original)[0]
-    lower_generation(original, tmp, opset=18)
-    return OnnxDecoder(tmp, threads=threads, allow_spinning=False)
+    backend.lower_decoder(original, tmp, {})
+    return backend.load_decoder(tmp, threads=threads, allow_spinning=False)
 
 
 def bench_generation(
@@ -127,10 +126,9 @@ def bench_generation(
     Raises:
         UserError: the compiled folder has no decoder (not a causal LM, or generation was off).
     """
-    from slmopt.backends.onnxrt.generation import OnnxDecoder
-
     torch.set_num_threads(threads)
-    compiled = OnnxDecoder(compiled_dir, threads=threads, allow_spinning=False)
+    backend = folder_backend(compiled_dir)
+    compiled = backend.load_decoder(Path(compiled_dir), threads=threads, allow_spinning=False)
     ctx = compiled.layout.max_seq_len or max(max(prompt_lengths, default=0), context + 1)
     vocab = int(compiled.layout.vocab_size or 2)
     if context + 1 > ctx:
@@ -138,7 +136,7 @@ def bench_generation(
     result = GenerationBench(config={"threads": threads, "reps": reps, "warmup": warmup, "decode_context": context,
                                      "runtime": "onnxruntime, allow_spinning=0, interleaved round-robin"})  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="slmopt-genbench-") as tmp:
-        orig = _original_decoder(original, Path(tmp), threads)
+        orig = _original_decoder(original, backend, Path(tmp), threads)
         engines = {"original": orig, "compiled": compiled}
         result.kv_bytes_per_token = {n: e.layout.kv_bytes_per_token() for n, e in engines.items()}
         for length in prompt_lengths:
@@ -181,11 +179,9 @@ def bench_cache_vs_recompute(
     Both engines come from the same output folder and run in ONNX Runtime with the same threads; the
     result has both medians, the speedup of the cache and the max |diff| of the next-token logits.
     """
-    from slmopt.backends.onnxrt.backend import ONNX_FILE, OnnxRuntimeEngine, make_session
-    from slmopt.backends.onnxrt.generation import OnnxDecoder
-
-    decoder = OnnxDecoder(folder, threads=threads, allow_spinning=False)
-    full = OnnxRuntimeEngine(make_session(Path(folder) / ONNX_FILE, threads=threads, allow_spinning=False))
+    backend = folder_backend(folder)
+    decoder = backend.load_decoder(Path(folder), threads=threads, allow_spinning=False)
+    full = backend.load(Path(folder), threads=threads, allow_spinning=False)
     ids = _ids(1, context + 1, int(decoder.layout.vocab_size or 2))
     _, past = decoder(ids[:, :context], decoder.empty_past(1))
     runners = {

@@ -26,6 +26,9 @@ from typing import Any
 import torch
 
 from slmopt.errors import UserError
+from slmopt.generation.kv_cache import add_kv_cache, empty_past
+from slmopt.loaders import load_program
+from slmopt.lowering import folder_backend
 
 __all__ = ["Generator", "Sampling", "TorchDecoder", "filter_logits", "sample_next"]
 
@@ -105,8 +108,6 @@ class TorchDecoder:
         self.program, self.layout = program, layout
 
     def empty_past(self, batch: int) -> list[torch.Tensor]:
-        from slmopt.generation.kv_cache import empty_past
-
         return empty_past(self.layout, batch)
 
     def __call__(self, ids: torch.Tensor, past: list[Any]) -> tuple[torch.Tensor, list[Any]]:
@@ -122,8 +123,9 @@ class Generator:
     """Greedy/sampled generation over a KV-cache step function, with a tokenizer when the model has one.
 
     Args:
-        decoder: an :class:`~slmopt.backends.onnxrt.generation.OnnxDecoder` or :class:`TorchDecoder`
-            (anything with ``empty_past(batch)`` and ``__call__(ids, past) -> (logits, present)``).
+        decoder: a backend's decoder (:meth:`slmopt.lowering.Backend.load_decoder`) or a
+            :class:`TorchDecoder`: anything with ``empty_past(batch)`` and ``__call__(ids, past) -> (logits,
+            present)``.
         tokenizer: a Hugging Face tokenizer, ``"bytes"`` for byte-level models, or None (ids only).
         eos_token_id: stop when every sequence has produced it (int or list of ints), if known.
         max_seq_len: the model's context; prompt + new tokens must fit.
@@ -145,10 +147,8 @@ class Generator:
     # ------------------------------------------------------------------------------ construction
     @classmethod
     def from_engine(cls, folder: str | Path, threads: int | None = None) -> Generator:
-        """Opens ``decoder.onnx`` + ``genai_config.json`` (+ ``tokenizer/``) of an slmopt output folder."""
-        from slmopt.backends.onnxrt.generation import OnnxDecoder
-
-        decoder = OnnxDecoder(folder, threads=threads)
+        """Opens the KV-cache decoder (+ ``tokenizer/``) of an slmopt output folder through its backend."""
+        decoder = folder_backend(folder).load_decoder(Path(folder), threads=threads)
         model, ours = decoder.config["model"], decoder.config["slmopt"]
         tokenizer: Any = "bytes" if ours.get("byte_level") else None
         if ours.get("tokenizer"):
@@ -158,9 +158,6 @@ class Generator:
     @classmethod
     def from_model(cls, model: Any) -> Generator:
         """Loads and captures a model (folder, .pt2, factory or module), adds a KV cache, runs it in torch."""
-        from slmopt.generation.kv_cache import add_kv_cache
-        from slmopt.loaders import load_program
-
         program, loaded = load_program(model)
         cached, layout = add_kv_cache(program)
         info = loaded.info

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from slmopt.analysis.analyze import analyze
 from slmopt.errors import UserError
 from slmopt.program import Program
 
@@ -185,8 +186,6 @@ def _shape(node: Any) -> tuple[Any, ...] | None:
 
 def _slots(program: Program, sdpas: list[fx.Node]) -> list[CacheSlot]:
     """Cache slots for the SDPA nodes, with block indices and head counts from analysis when it has them."""
-    from slmopt.analysis.analyze import analyze
-
     by_node = {}
     try:
         for block in analyze(program).blocks:

@@ -12,6 +12,7 @@ import logging
 import time
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,9 +20,10 @@ import torch
 from slmopt.errors import PassError, UserError
 from slmopt.memory import release_freed_memory
 from slmopt.pipeline.parse import Pipeline
-from slmopt.pipeline.pass_base import PassReport
+from slmopt.pipeline.pass_base import Pass, PassReport
 
 if typing.TYPE_CHECKING:
+    from slmopt.data.windows import EvalData
     from slmopt.pipeline.instruments import Instrument
     from slmopt.program import Program
 
@@ -42,7 +44,12 @@ class PassContext:
         backend: the target backend name (passes may choose a lowering for it).
         progress: show progress bars.
         reference: the untouched input Program (for distillation and parity).
-        extras: free-form per-run values (e.g. tokenizer), for passes that need them.
+        instruments: hooks run around every pass (``--dump-graph``, ``--time-passes``, ``--verify-each``).
+        eval_tokens: held-out token windows (``EvalData``, which also knows bytes per token, or a plain
+            ``[n, seq]`` tensor) for passes that report quality before/after; None without ``--eval``.
+        tokenizer: the model's Hugging Face tokenizer, if it has one.
+        artifact_dir: the run's output (staging) folder, for passes that write files such as charts;
+            None when nothing is written.
     """
 
     calib: torch.Tensor | None = None
@@ -53,7 +60,9 @@ class PassContext:
     progress: bool = True
     reference: Program | None = None
     instruments: list[Instrument] = field(default_factory=list)
-    extras: dict[str, Any] = field(default_factory=dict)
+    eval_tokens: EvalData | torch.Tensor | None = None
+    tokenizer: Any = None
+    artifact_dir: Path | None = None
 
     def require_calib(self, pass_name: str, min_samples: int = 1) -> torch.Tensor:
         if self.calib is None or len(self.calib) < min_samples:
@@ -79,6 +88,7 @@ class PassManager:
         self.pipeline = pipeline
         # Fan-out results: {variant name: (program, reports of the passes after the fan-out)}.
         self.variants: dict[str, tuple[Program, list[PassReport]]] = {}
+        self.fanned_out: Pass | None = None  # the pass whose result fanned out, if any
 
     def run(
         self, program: Program, ctx: PassContext, in_place: bool = False
@@ -91,6 +101,7 @@ class PassManager:
         for callers that own the Program and compare nothing against the original, it halves peak memory.
         """
         self.variants = {}
+        self.fanned_out = None
         work = program if in_place else program.clone()
         if ctx.reference is None and not in_place:
             ctx.reference = program
@@ -121,6 +132,7 @@ class PassManager:
             release_freed_memory()  # what this pass freed, before the next one allocates
             done.append(p.name)
             if result.variants:
+                self.fanned_out = p
                 self._fan_out(result.variants, report, index, ctx)
                 break
         return work, reports

@@ -25,7 +25,10 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from slmopt.pipeline.options import format_options
 
 if TYPE_CHECKING:
     from slmopt.pipeline.manager import PassContext
@@ -113,12 +116,22 @@ class Pass(ABC):
     Subclasses define a nested frozen dataclass ``Config`` and are registered with :func:`register_pass`.
     ``run_after`` names passes that, when both are in a pipeline, must come earlier (validated at parse
     time, never silently re-sorted).
+
+    What the compile driver must know about a pass is declared here, so the driver never tests pass
+    names: ``needs_original`` (the pass reads ``ctx.reference``, the untouched input Program),
+    ``replay_option`` (the Config field that takes ``--replay REPORT``) and, for a pass whose result fans
+    out into variants, :meth:`variant_row` / :meth:`write_variant_summary` (the top-level report table).
     """
 
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type]
     run_after: ClassVar[tuple[str, ...]] = ()
+    # True: the pass compares against the untouched input (e.g. a distillation teacher), so the pipeline
+    # must run on a copy and keep the original in ``ctx.reference``.
+    needs_original: ClassVar[bool] = False
+    # The Config field (a report path) that makes the pass repeat an earlier run's recorded decisions.
+    replay_option: ClassVar[str | None] = None
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -133,10 +146,26 @@ class Pass(ABC):
     def ensures(self, program: Program, ctx: PassContext) -> None:  # noqa: B027 - optional hook
         """Raises AssertionError/ValueError if the pass's postcondition does not hold."""
 
+    def variant_row(
+        self, name: str, folder: Path, report: Any, metrics: dict[str, Any], options: Any
+    ) -> dict[str, Any]:
+        """One row of the top-level table for a fan-out variant lowered into ``folder``.
+
+        Args:
+            name: the variant's name (a key of ``PassResult.variants``).
+            folder: the variant's output folder (engine, manifest, its own report).
+            report: the variant's ``CompileReport``.
+            metrics: this pass's own ``PassReport.metrics``.
+            options: the run's ``CompileOptions``.
+        """
+        return {"variant": name, "params": report.params_after, "folder": folder.name}
+
+    def write_variant_summary(self, rows: list[dict[str, Any]], folder: Path) -> dict[str, str]:
+        """Writes fan-out summaries (e.g. a chart) into ``folder``; returns artifact name -> file name."""
+        return {}
+
     def options_string(self) -> str:
         """Canonical ``name{k=v,...}`` with every option resolved."""
-        from slmopt.pipeline.options import format_options
-
         return f"{self.name}{format_options(self.config)}"
 
     def new_report(self, program: Program) -> PassReport:

@@ -27,7 +27,8 @@ from slmopt.backends.onnxrt.backend import (
 from slmopt.backends.torch_backend import TorchBackend
 from slmopt.lowering import get_backend
 from slmopt.program import ModelInfo, Program, capture
-from tests.models import ZOO, build_model, capture_model, example_ids, toy_block, zoo_config
+from tests.helpers import captured
+from tests.models import ZOO, build_model, example_ids, toy_block, zoo_config
 
 SHAPES = [(1, 7), (3, 33)]  # both differ from the capture example [2, 16]
 ORT_ATOL = 1e-4
@@ -43,23 +44,10 @@ def _num_linears(model: nn.Module) -> int:
     return sum(type(m).__name__ in ("Linear", "Conv1D") for m in model.modules())
 
 
-@pytest.fixture(scope="module")
-def programs() -> dict[str, Program]:
-    return {}
-
-
-def _program(cache: dict[str, Program], name: str) -> Program:
-    if name not in cache:
-        cache[name] = capture_model(name)
-    return cache[name]
-
-
 # ------------------------------------------------------------------------------------------- torch
 @pytest.mark.parametrize("name", ["llama", "tiny"])
-def test_torch_backend_round_trip_dynamic_shapes(
-    name: str, programs: dict[str, Program], tmp_path: Path
-) -> None:
-    program = _program(programs, name)
+def test_torch_backend_round_trip_dynamic_shapes(name: str, tmp_path: Path) -> None:
+    program = captured(name)
     result = get_backend("torch").lower(program, tmp_path, {})
     assert result.backend == "torch"
     assert result.artifacts == {"program": "program.pt2"}
@@ -111,8 +99,8 @@ CACHED = {"gpt2", "llama", "qwen2"}  # zoo causal LMs whose attention is scaled_
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "bert", "tiny"])
-def test_onnxruntime_backend_zoo(name: str, programs: dict[str, Program], tmp_path: Path) -> None:
-    program = _program(programs, name)
+def test_onnxruntime_backend_zoo(name: str, tmp_path: Path) -> None:
+    program = captured(name)
     result = get_backend("onnxruntime").lower(program, tmp_path, {"verify": True})
     path = tmp_path / "model.onnx"
     assert result.backend == "onnxruntime"

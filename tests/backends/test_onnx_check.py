@@ -291,14 +291,10 @@ def test_dynamo_export_names_from_exported_program_and_prefixes(exported: dict[s
 
 def test_masked_llama_program_exported_to_onnx(tmp_path: Path) -> None:
     """End to end: mask-2to4 on a captured Llama, dynamo ONNX export of the Program, check by target."""
-    from slmopt.pipeline.manager import PassContext, PassManager
-    from slmopt.pipeline.parse import parse_pipeline
-    from tests.models import capture_model, example_ids
+    from tests.helpers import captured, run_pipeline
+    from tests.models import example_ids
 
-    program = capture_model("llama")
-    new, reports = PassManager(parse_pipeline("mask-2to4{method=magnitude}")).run(
-        program, PassContext(progress=False)
-    )
+    _, new, reports = run_pipeline(captured("llama"), "mask-2to4{method=magnitude}")
     targets = [row["name"] for row in reports[0].metrics["layers"]]
     path = _export(new.graph_module, new.example_inputs[0], tmp_path / "llama.onnx")
     report = check_nm_onnx(path, names=targets)

@@ -36,7 +36,8 @@ from onnx import numpy_helper
 from slmopt import distributed
 from slmopt.cli import main
 from slmopt.errors import UserError
-from tests.models import VOCAB, save_hf
+from tests.helpers import save_token_ids
+from tests.models import save_hf
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 EXACT = {
@@ -70,7 +71,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("dist")
     model = save_hf("llama", root / "llama")
     calib = root / "calib.npy"
-    np.save(calib, np.random.default_rng(0).integers(0, VOCAB, size=4096, dtype=np.int64))
+    save_token_ids(calib, 4096)
     return model, calib
 
 

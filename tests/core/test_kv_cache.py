@@ -20,9 +20,8 @@ from slmopt.errors import UserError
 from slmopt.generation.generate import Generator, TorchDecoder
 from slmopt.generation.kv_cache import add_kv_cache, attend_with_cache, empty_past
 from slmopt.loaders import load_program
-from slmopt.pipeline.manager import PassContext, PassManager
-from slmopt.pipeline.parse import parse_pipeline
 from slmopt.program import Program
+from tests.helpers import run_pipeline
 from tests.models import build_model, capture_model, example_ids, zoo_config
 
 NEW_TOKENS = 32
@@ -186,8 +185,7 @@ def test_onnx_greedy_equals_hf_full_recompute(name: str, engines) -> None:
 
 def _transformed(spec: str) -> Program:
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
-    ctx = PassContext(calib=calib, progress=False)
-    return PassManager(parse_pipeline(spec)).run(_program("tinylm"), ctx)[0]
+    return run_pipeline(_program("tinylm"), spec, calib)[1]
 
 
 def test_pruned_attention_has_no_cache_slot_and_fewer_kv_bytes(engines) -> None:

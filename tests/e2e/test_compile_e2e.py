@@ -15,6 +15,7 @@ from onnx import numpy_helper
 import slmopt
 from slmopt.cli import main
 from slmopt.loaders import model_files
+from tests.helpers import save_token_ids
 from tests.models import VOCAB, build_model, save_hf, toy_block
 
 
@@ -26,7 +27,7 @@ def _hashes(path: Path) -> dict[str, str]:
 def ids_file(tmp_path_factory) -> Path:
     """Calibration token ids for the zoo's vocabulary (the zoo models have no tokenizer)."""
     path = tmp_path_factory.mktemp("data") / "calib.npy"
-    np.save(path, np.random.default_rng(0).integers(0, VOCAB, size=4096, dtype=np.int64))
+    save_token_ids(path, 4096)
     return path
 
 
@@ -155,12 +156,12 @@ def test_python_api_torch_backend_and_force(tmp_path):
 def test_interrupted_compile_leaves_nothing(tmp_path, monkeypatch):
     """A failure after lowering started removes the temporary folder and writes no output."""
     model_dir = save_hf("llama", tmp_path / "llama")
-    from slmopt import api
+    from slmopt import artifacts
 
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "parity", explode)
+    monkeypatch.setattr(artifacts, "parity", explode)
     with pytest.raises(KeyboardInterrupt):
         slmopt.compile(str(model_dir), passes="sparsity{method=magnitude}", output_dir=tmp_path / "out",
                        bench=False, progress=False)  # fmt: skip

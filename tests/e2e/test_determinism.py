@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from slmopt.pipeline.pass_base import BUILTIN_PASSES
+from tests.helpers import save_token_ids
 
 # pass name -> the smallest pipeline that exercises it on the tiny llama (every random choice seeded).
 DETERMINISM_CASES: dict[str, str] = {
@@ -92,7 +92,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("determinism")
     model = save_hf("llama", root / "model")
     calib = root / "calib.npy"
-    np.save(calib, np.random.default_rng(0).integers(0, 128, size=(8, 32)))
+    save_token_ids(calib, (8, 32), vocab=128)
     env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
     code = f"from tests.e2e.test_determinism import compile_all; compile_all({str(model)!r}, {str(calib)!r}, {str(root / 'b')!r})"
     # The child runs while this process compiles the same cases: the two cores work in parallel.

@@ -22,13 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from slmopt import api
-from slmopt.atomic import disk_full_error, recover_stale
+from slmopt import artifacts
+from slmopt.atomic import disk_full_error, recover_stale, replace_output
 from slmopt.cli import main
 from slmopt.lowering import MANIFEST
+from tests.helpers import save_token_ids
 
 PROFILE = os.environ.get("SLMOPT_FUZZ", "fast")
 KILLS = {"fast": 2, "long": 12}[PROFILE]  # per phase (fresh output, --force over one)
@@ -66,7 +66,7 @@ def setup(tmp_path_factory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("faults")
     model = save_hf("llama", root / "model")
     calib = root / "calib.npy"
-    np.save(calib, np.random.default_rng(0).integers(0, 128, size=(4, 16)))
+    save_token_ids(calib, (4, 16), vocab=128)
     ref = root / "reference"
     started = time.monotonic()
     done = subprocess.run(_cmd(model, calib, ref), capture_output=True, text=True, timeout=600)
@@ -186,7 +186,7 @@ def test_sigterm_between_renames_puts_the_previous_output_back(tmp_path, monkeyp
 
     monkeypatch.setattr(Path, "rename", rename)
     with pytest.raises(SystemExit):
-        api._replace(tmp, out)
+        replace_output(tmp, out)
     assert (out / "a").read_text() == "previous"
     assert not any(p.name.startswith(".out.old-") for p in tmp_path.iterdir())
 
@@ -224,13 +224,13 @@ def test_full_tmpfs_gives_one_clear_error_and_no_staging(setup, tmp_path, capsys
             )
         else:
             with pytest.MonkeyPatch.context() as mp:
-                real = api._lower_and_verify
+                real = artifacts.lower_and_verify
 
                 def full(*args, **kwargs):
                     (args[-1] / "model.onnx").write_bytes(b"partial")
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-                mp.setattr(api, "_lower_and_verify", full)
+                mp.setattr(artifacts, "lower_and_verify", full)
                 code = main(["compile", str(setup["model"]), "--calib", str(setup["calib"]), *ARGS, "-o",
                              str(out)])  # fmt: skip
                 assert real is not full

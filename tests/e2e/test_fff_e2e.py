@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
 import slmopt
-from tests.models import VOCAB, save_hf
+from tests.helpers import save_token_ids
+from tests.models import save_hf
 
 # (model, lowering, parity tolerance). MoE's "gelu" is the tanh form (measured in tests/backends/test_onnx_fff.py),
 # so erf-GELU leaves (BERT) lowered to MoE carry a stated ~1e-3 tolerance; everything else is exact math.
@@ -26,7 +26,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def ids_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "ids.npy"
-    np.save(path, np.random.default_rng(0).integers(0, VOCAB, size=8192, dtype=np.int64))
+    save_token_ids(path, 8192)
     return path
 
 

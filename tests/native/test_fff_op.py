@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slmopt import ops
+from tests.helpers import activation
 
 FFF_ARGS = ("node_out", "leaf_w1", "leaf_b1", "leaf_wg", "leaf_bg", "leaf_w2", "leaf_b2")
 
@@ -45,15 +46,7 @@ def cpu_path(path: str) -> Iterator[None]:
         ops._set_cpu_tuning(**previous)
 
 
-def _act(name: str, z: torch.Tensor) -> torch.Tensor:
-    """Activations written out from their definitions (float64)."""
-    if name == "gelu":
-        return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
-    if name == "gelu_tanh":
-        return 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
-    if name == "silu":
-        return z / (1 + torch.exp(-z))
-    return z.clamp_min(0)
+_act = activation  # the shared reference formulas (tests/helpers.py)
 
 
 def expected_fff(

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from slmopt.analysis.analyze import analyze
 from slmopt.errors import UserError
-from slmopt.pipeline.manager import PassContext, PassManager
 from slmopt.pipeline.parse import parse_pipeline
+from tests.helpers import run_pipeline
 from tests.models import capture_model, example_ids
 
 CALIB = example_ids(16, 16, seed=2)
@@ -28,9 +28,7 @@ def _captured(name: str):
 
 
 def _run(text: str, name: str = "llama", seed: int = 0):
-    manager = PassManager(parse_pipeline(text))
-    program, reports = manager.run(_captured(name), PassContext(calib=CALIB, progress=False, seed=seed))
-    return manager, program, reports
+    return run_pipeline(_captured(name), text, CALIB, seed=seed)
 
 
 def _kl(teacher: torch.Tensor, student: torch.Tensor) -> float:
@@ -98,6 +96,5 @@ def test_bad_options(text, message):
 
 
 def test_distill_needs_calibration():
-    manager = PassManager(parse_pipeline("distill"))
     with pytest.raises(UserError, match="calibration"):
-        manager.run(_captured("llama"), PassContext(calib=None, progress=False))
+        run_pipeline(_captured("llama"), "distill", calib=None)

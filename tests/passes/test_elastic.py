@@ -15,17 +15,14 @@ from slmopt.cli import main
 from slmopt.errors import UserError
 from slmopt.passes.elastic.plan import PlanScorer, score_orders
 from slmopt.passes.elastic.surgery import attention_layouts, reorder
-from slmopt.pipeline.manager import PassContext, PassManager
 from slmopt.pipeline.parse import parse_pipeline
-from tests.models import VOCAB, build_model, capture_model, example_ids, save_hf
+from tests.helpers import captured, run_pipeline, save_token_ids
+from tests.models import build_model, example_ids, save_hf
 
 CALIB = example_ids(16, 16, seed=1)
 
 
-@functools.cache
-def _captured(name: str):
-    """One capture per zoo model for the whole module (never mutated: passes work on copies)."""
-    return capture_model(name)
+_captured = captured  # one capture per zoo model (never mutated: passes work on copies)
 
 
 @functools.cache
@@ -34,15 +31,14 @@ def _cached_run(name: str, text: str):
 
 
 def _run(program, text: str, calib=CALIB):
-    manager = PassManager(parse_pipeline(text))
-    main_program, reports = manager.run(program, PassContext(calib=calib, progress=False))
+    manager, main_program, reports = run_pipeline(program, text, calib)
     return manager, main_program, reports[0]
 
 
 @pytest.fixture(scope="module")
 def ids_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "calib.npy"
-    np.save(path, np.random.default_rng(0).integers(0, VOCAB, size=2048, dtype=np.int64))
+    save_token_ids(path, 2048)
     return path
 
 
@@ -196,16 +192,14 @@ def test_infeasible_budget_names_smallest_feasible():
 
 def test_infeasible_latency_names_smallest_feasible():
     program = _captured("gpt2")
-    manager = PassManager(parse_pipeline("elastic{latency=0.000001}"))
-    ctx = PassContext(calib=CALIB, progress=False, backend="onnxruntime")
     with pytest.raises(UserError, match=r"smallest feasible latency is [\d.e-]+ ms/token"):
-        manager.run(program, ctx)
+        run_pipeline(program, "elastic{latency=0.000001}", CALIB, backend="onnxruntime")
 
 
 def test_latency_budget_picks_a_subnet_that_meets_it():
     program = _captured("gpt2")
-    manager = PassManager(parse_pipeline("elastic{latency=1000}"))  # generous: the full model meets it
-    _, reports = manager.run(program, PassContext(calib=CALIB, progress=False, backend="onnxruntime"))
+    # A generous budget: the full model meets it.
+    manager, _, reports = run_pipeline(program, "elastic{latency=1000}", CALIB, backend="onnxruntime")
     measured = reports[0].metrics["search"]["1000ms"]["measured"]
     assert measured[0]["ms_per_token"] > 0 and measured[-1]["fraction"] == 1.0
     assert manager.variants["1000ms"][0].num_params() == reports[0].metrics["total_params"]
@@ -264,7 +258,7 @@ def test_replay_reproduces_weights_without_scoring(tmp_path, ids_file):
     )  # fmt: skip
     # Different calibration data: replay must not re-score, so the subnet is the same anyway.
     other = tmp_path / "other.npy"
-    np.save(other, np.random.default_rng(9).integers(0, VOCAB, size=2048, dtype=np.int64))
+    save_token_ids(other, 2048, seed=9)
     code = main(["compile", str(model_dir), "--replay", str(tmp_path / "a" / "report.json"), "--calib",
                  str(other), "--seq-len", "32", "--num-samples", "8", "--no-bench", "--no-progress", "-q",
                  "--backend-option", "generation=false", "-o", str(tmp_path / "b")])  # fmt: skip

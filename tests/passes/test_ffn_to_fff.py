@@ -3,7 +3,6 @@ exactness of the splice, balanced partitions, distillation and user errors."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -16,10 +15,10 @@ import slmopt.passes.fff.ffn_to_fff  # noqa: F401 - registers the fff pass
 from slmopt.analysis.analyze import analyze
 from slmopt.passes.fff.convert import DenseFFN, balanced_bisection, leaf_neurons
 from slmopt.passes.fff.ffn_to_fff import FFNToFFF, TreeShape, convert_ffn
-from slmopt.pipeline.manager import PassContext, PassManager
 from slmopt.pipeline.parse import parse_pipeline
 from slmopt.program import ModelInfo, capture
-from tests.models import build_model, capture_model, example_ids
+from tests.helpers import activation, captured, run_pipeline, save_token_ids
+from tests.models import build_model, example_ids
 
 # FFN modules of each zoo model: (path of block list, up-linear attr, down-linear attr) per block.
 _FFN_MODULES = {
@@ -32,10 +31,7 @@ _FFN_MODULES = {
 _ZOO = list(_FFN_MODULES)
 
 
-@functools.cache
-def _program(name: str):
-    """Each zoo model captured once per session (capture dominates; the pass manager works on a clone)."""
-    return capture_model(name)
+_program = captured  # each zoo model captured once per session; the pass manager works on a clone
 
 
 def _calib(n: int = 8, seq: int = 16, seed: int = 1) -> torch.Tensor:
@@ -43,20 +39,11 @@ def _calib(n: int = 8, seq: int = 16, seed: int = 1) -> torch.Tensor:
 
 
 def _run(program, spec: str, calib: torch.Tensor | None = None):
-    ctx = PassContext(calib=_calib() if calib is None else calib, progress=False)
-    new, reports = PassManager(parse_pipeline(spec)).run(program, ctx)
+    _, new, reports = run_pipeline(program, spec, _calib() if calib is None else calib)
     return new, reports[0]
 
 
-def _act(name: str, z: torch.Tensor) -> torch.Tensor:
-    """Activations written out from their formulas (independent of torch.nn.functional)."""
-    if name == "gelu":
-        return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
-    if name == "gelu_tanh":
-        return 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
-    if name == "silu":
-        return z / (1 + torch.exp(-z))
-    return z.clamp_min(0)
+_act = activation  # the shared reference formulas (tests/helpers.py)
 
 
 def _reference_fff(params: dict[str, torch.Tensor | None], act: str, x: torch.Tensor):
@@ -314,7 +301,7 @@ def test_model_without_ffn_and_missing_calibration() -> None:
     with pytest.raises(ValueError, match="slmopt inspect"):
         _run(program, "fff", calib=torch.randn(4, 8))
     with pytest.raises(ValueError, match="calibration"):
-        PassManager(parse_pipeline("fff")).run(_program("tiny"), PassContext(calib=None, progress=False))
+        run_pipeline(_program("tiny"), "fff", calib=None)
 
 
 def test_selected_layers_only() -> None:
@@ -328,14 +315,13 @@ def test_selected_layers_only() -> None:
 
 
 def test_compile_end_to_end_torch_backend(tmp_path) -> None:
-    import numpy as np
 
     import slmopt
-    from tests.models import VOCAB, save_hf
+    from tests.models import save_hf
 
     model_dir = save_hf("llama", tmp_path / "llama")
     calib = tmp_path / "calib.npy"
-    np.save(calib, np.random.default_rng(0).integers(0, VOCAB, size=4096, dtype=np.int64))
+    save_token_ids(calib, 4096)
     result = slmopt.compile(
         str(model_dir), passes="fff{depth=2,distill_steps=20}", calib=str(calib), backend="torch",
         output_dir=tmp_path / "out", bench=False, progress=False, seq_len=16, num_samples=32,

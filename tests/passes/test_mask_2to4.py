@@ -10,17 +10,18 @@ from slmopt.analysis.analyze import analyze
 from slmopt.errors import UserError
 from slmopt.passes.sparsity.methods import sparsegpt_prune
 from slmopt.passes.sparsity.stats import collect_input_stats
-from slmopt.pipeline.manager import PassContext, PassManager
+from slmopt.pipeline.manager import PassContext
 from slmopt.pipeline.parse import parse_pipeline
 from slmopt.program import ModelInfo, Program, capture
-from tests.models import capture_model, example_ids
+from tests.helpers import captured, run_pipeline
+from tests.models import example_ids
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 
 
 @pytest.fixture(scope="module")
 def programs() -> dict[str, Program]:
-    return {name: capture_model(name) for name in ("llama", "gpt2")}
+    return {name: captured(name) for name in ("llama", "gpt2")}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,8 @@ def snapshot(program: Program) -> dict[str, torch.Tensor]:
 
 
 def run(program: Program, pipeline: str, calib: torch.Tensor | None):
-    return PassManager(parse_pipeline(pipeline)).run(program, PassContext(calib=calib, progress=False))
+    _, new, reports = run_pipeline(program, pipeline, calib)
+    return new, reports
 
 
 def groups_along_input(weight: torch.Tensor, transposed: bool, m: int = 4) -> torch.Tensor:

@@ -21,16 +21,15 @@ from hypothesis import strategies as st
 import slmopt.passes.prune_attention as pa
 from slmopt.analysis.analyze import analyze
 from slmopt.passes.importance import IMPORTANCE_METRICS, units_of
-from slmopt.pipeline.manager import PassContext, PassManager
 from slmopt.pipeline.parse import parse_pipeline
 from slmopt.program import ModelInfo, Program, capture
+from tests.helpers import captured, run_pipeline
 from tests.models import (
     HiddenOnly,
     LogitsOnly,
     TinyConfig,
     TinyTransformerLM,
     build_model,
-    capture_model,
     example_ids,
 )
 
@@ -52,14 +51,11 @@ CALIB = example_ids(batch=16, seq=16, seed=1)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@functools.cache
-def _captured(name: str) -> Program:
-    return capture_model(name)  # PassManager works on a clone, so one capture serves every test
+_captured = captured  # PassManager works on a clone, so one capture serves every test
 
 
-def _prune(program: Program, options: str, calib: torch.Tensor | None = CALIB, **extras):
-    ctx = PassContext(calib=calib, progress=False, extras=extras)
-    new, reports = PassManager(parse_pipeline(f"prune-attn{{{options}}}")).run(program, ctx)
+def _prune(program: Program, options: str, calib: torch.Tensor | None = CALIB, **ctx_fields):
+    _, new, reports = run_pipeline(program, f"prune-attn{{{options}}}", calib, **ctx_fields)
     return new, reports[0]
 
 
@@ -226,7 +222,7 @@ def test_iterative_rescoring_removes_in_order_and_records_scores() -> None:
 def test_report_costs_quality_sweep_and_plots(tmp_path) -> None:
     eval_tokens = example_ids(batch=4, seq=16, seed=9)
     _, report = _prune(
-        _captured("llama"), "remove=1,sweep=true", eval_tokens=eval_tokens, artifact_dir=str(tmp_path)
+        _captured("llama"), "remove=1,sweep=true", eval_tokens=eval_tokens, artifact_dir=tmp_path
     )
     m = report.metrics
     per_layer = 2 * 2 * 16  # 2 (K and V) * kv_heads * head_dim
