@@ -1,19 +1,10 @@
 """The ``onnxruntime`` backend: a Program exported to ONNX (``model.onnx``) and run in ONNX Runtime.
 
-Lowering (:mod:`slmopt.backends.onnxrt.export`) re-exports the Program with its dynamic batch/sequence dims, converts the ExportedProgram with
-``torch.onnx.export(..., dynamo=True)`` (custom ops such as ``slmopt::fff`` through the translation table
-of :func:`slmopt.lowering.onnx_translations`), names inputs/outputs and dynamic axes, keeps the IR version
-loadable by ONNX Runtime 1.31 (≤ 13), validates the file with ``onnx.checker`` and runs it once in ONNX
-Runtime against the Program. Large models (> 1 GiB of weights) keep their weights in ``model.onnx.data``.
-
-Facts checked on torch 2.13 / onnxscript 0.7 / ORT 1.31 (tiny Llama, Qwen2, GPT-2, BERT):
-
-* the HF rotary embedding's ``@torch.no_grad`` (``wrap_with_set_grad_enabled``) and the
-  ``aten._assert_tensor_metadata`` nodes do not reach ONNX: ``Program.export`` runs under ``no_grad`` and
-  the exporter's decompositions drop them;
-* at opset 23 the onnxscript optimizer fuses rotary embeddings into ``RotaryEmbedding``, which ORT 1.31
-  rejects for batch > 1 (cos/sin cache shape); opsets 18–22 export and run correctly — hence the default
-  of 18 and the run-once check after export.
+Lowering exports the Program (:mod:`slmopt.backends.onnxrt.export`: dynamic dims, custom-op translations,
+an IR version ONNX Runtime 1.31 loads, ``onnx.checker``; the verified exporter facts are listed there),
+optionally runs it once against the Program, and writes the KV-cache decoder of a causal LM
+(:mod:`slmopt.backends.onnxrt.generation`). Sessions and the Engine are in
+:mod:`slmopt.backends.onnxrt.session`; the N:M check of the written file in :mod:`slmopt.backends.onnxrt.check`.
 
 Example:
     >>> import tempfile, torch
