@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from slmopt.bench import bench_model_vs_compiled  # the same measurement `slmopt bench` makes
+from slmopt import bench  # the same measurement `slmopt bench` makes
 from slmopt.memory import release_freed_memory
 
 if TYPE_CHECKING:
@@ -46,7 +46,9 @@ def bench_latency(
     threads = options.threads or torch.get_num_threads()
     seq = min(BENCH_SEQ, loaded.info.max_seq_len or BENCH_SEQ)
     source = original if original is not None else loaded.info.source
-    result = bench_model_vs_compiled(source, folder, threads=threads, seq=seq, progress=options.progress)
+    result = bench.bench_model_vs_compiled(
+        source, folder, threads=threads, seq=seq, progress=options.progress
+    )
     return {**result.to_dict(), "table": result.table(), "shape": [1, seq]}
 
 
