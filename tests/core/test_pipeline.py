@@ -165,3 +165,65 @@ def test_failures_name_the_pass_and_its_predecessors():
 def test_lookup_by_alias_and_builtin_lazy_import():
     assert get_pass_class("tscale") is ScaleWeights
     assert get_pass_class("sparsity").name == "mask-2to4"
+
+
+# ------------------------------------------------------------------- what passes declare for the driver
+@register_pass("test-fork")
+class Fork(Pass):
+    """Fans out into two variants whose first weight is scaled by 1 and by 3."""
+
+    needs_original = True
+    replay_option = "source"
+
+    @dataclass(frozen=True)
+    class Config:
+        source: str = field(default="", metadata={"help": "report to replay"})
+
+    def call(self, program, ctx):
+        variants = {}
+        for factor in (1, 3):
+            variant = program.clone()
+            name = next(n for n, _ in variant.graph_module.named_parameters() if n.endswith("weight"))
+            variant.param(name).data.mul_(factor)
+            variants[f"x{factor}"] = variant
+        report = self.new_report(program)
+        report.changes.append(Change("fork", "model", {"variants": sorted(variants)}))
+        return PassResult(program, self.finish_report(report, program, 0.0), variants)
+
+
+def test_fan_out_records_the_fanning_pass_and_runs_the_rest_on_each_variant(tmp_path):
+    model, program = _program()
+    manager = PassManager(parse_pipeline("test-fork,test-scale{factor=2}"))
+    _, reports = manager.run(program, PassContext())
+    assert isinstance(manager.fanned_out, Fork) and [r.name for r in reports] == ["test-fork"]
+    assert sorted(manager.variants) == ["x1", "x3"]
+    x = torch.randn(5, 4)
+    # Independent reference: the eager model with its weights scaled by hand (first by the variant
+    # factor, then every weight by test-scale's 2).
+    for factor in (1, 3):
+        w0, b0, w1, b1 = (p.detach() for p in model.parameters())
+        expected = torch.relu(x @ (w0 * factor * 2).T + b0) @ (w1 * 2).T + b1
+        variant, after = manager.variants[f"x{factor}"]
+        torch.testing.assert_close(variant(x), expected)
+        assert [r.name for r in after] == ["test-scale"]
+    folder = tmp_path / "subnet-x3"
+    folder.mkdir()
+    report = type("Report", (), {"params_after": 68})()
+    row = manager.fanned_out.variant_row("x3", folder, report, reports[0].metrics, None)
+    assert row == {"variant": "x3", "params": 68, "folder": "subnet-x3"}
+    assert manager.fanned_out.write_variant_summary([row], tmp_path) == {}
+
+
+def test_driver_reads_declarations_not_pass_names(tmp_path):
+    from slmopt.api import CompileOptions, _needs_original, _replay_pipeline
+
+    quiet = CompileOptions(bench=False)
+    assert _needs_original(quiet, parse_pipeline("test-fork"), reloadable=True)  # declared needs_original
+    assert not _needs_original(quiet, parse_pipeline("test-scale"), reloadable=True)
+    recorded = tmp_path / "report.json"
+    recorded.write_text('{"pipeline": "test-scale,test-fork"}')
+    replayed = _replay_pipeline(parse_pipeline("test-scale,test-fork"), str(recorded))
+    assert replayed.passes[1].config.source == str(recorded.resolve())
+    assert str(replayed).endswith(f"test-fork{{source={recorded.resolve()}}}")
+    with pytest.raises(UserError, match=r"--replay needs a pass .*: .*elastic.*test-fork"):
+        _replay_pipeline(parse_pipeline("test-scale"), str(recorded))
