@@ -9,7 +9,7 @@ TINYLM := $(CACHE)/tinylm
 TINYLM_STEPS ?= 1800
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench clean gpu-check
 
 # torch first, pinned: this exact spec picks the local CPU wheel (anything else pulls GBs of CUDA).
 $(STAMP): pyproject.toml
@@ -38,3 +38,7 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out build *.egg-info .pytest_cache
+
+# On a machine with a CUDA GPU + nvcc: build the kernels, run the gpu/cuda_build tests, print the op benchmark.
+gpu-check:
+	bash scripts/gpu_check.sh

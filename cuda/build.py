@@ -25,6 +25,8 @@ __all__ = [
     "SOURCE_DIR",
     "cache_dir",
     "compile_cuda",
+    "compile_emulated",
+    "compile_emulator",
     "compile_host_library",
     "cxx_arch_flags",
     "find_nvcc",
@@ -167,6 +169,48 @@ def compile_host_library(out_dir: Path, compiler: str = "c++") -> Path:
     return out
 
 
+def compile_emulated(source: str, out: Path, compiler: str = "c++") -> Path:
+    """Compiles CUDA kernel source for the host emulator (``fff_emu.h``) into a shared library.
+
+    The source is compiled as C++ with ``fff_emu.h`` force-included, so ``__global__`` functions become host
+    functions that ``slmopt_emu::launch`` runs thread by thread (see fff_emu.h for the model).
+
+    Args:
+        source: Translation unit text (it may include this folder's headers).
+        out: Shared library to write.
+        compiler: C++ compiler.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        RuntimeError: the compiler failed (message holds its output).
+
+    Example:
+        >>> compile_emulated('#include "fff_token_kernel.cuh"', Path("/tmp/e.so"))  # doctest: +SKIP
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas", f"-I{SOURCE_DIR}"]
+    cmd += ["-include", str(SOURCE_DIR / "fff_emu.h"), "-x", "c++", "-", "-o", str(out)]
+    proc = subprocess.run(cmd, input=source, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"host emulation build failed:\n{proc.stderr}")
+    return out
+
+
+def compile_emulator(out_dir: Path, compiler: str = "c++") -> Path:
+    """Builds fff_emu.cpp: fff.cu's launch logic and kernels on the host emulator (no GPU, no torch).
+
+    Exports ``slmopt_fff_emu_forward``, ``slmopt_fff_emu_workspace_size``, ``slmopt_fff_emu_configure`` and
+    ``slmopt_fff_emu_log`` (see fff_emu.cpp); the tests drive them through ctypes.
+
+    Example:
+        >>> lib = compile_emulator(Path("/tmp/fffemu"))  # doctest: +SKIP
+    """
+    source = (SOURCE_DIR / "fff_emu.cpp").read_text()
+    return compile_emulated(source, out_dir / "libslmopt_fff_emu.so", compiler)
+
+
 def find_nvcc() -> str | None:
     """Path of nvcc (``$CUDA_HOME/bin`` first, then ``PATH``), or None.
 
@@ -257,8 +301,9 @@ def load_cuda_extension(verbose: bool = False) -> str:
     path = cpp_extension.load(
         name="slmopt_fff_cuda",
         sources=[str(SOURCE_DIR / "fff.cu")],
-        extra_cflags=["-O3", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-std=c++17", "-DSLMOPT_WITH_TORCH"],
+        # No -std here: torch passes the C++ standard its headers need (as for the CPU extension).
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-DSLMOPT_WITH_TORCH"],
         extra_include_paths=[str(SOURCE_DIR)],
         build_directory=str(build_dir),
         is_python_module=False,

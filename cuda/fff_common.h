@@ -64,7 +64,8 @@ enum SlmoptFffStatus {
   SLMOPT_FFF_BAD_ACTIVATION = 2,
   SLMOPT_FFF_BAD_LEAVES = 3,      // exactly one of leaf_w1 / leaf_w2 given, or bias without weight
   SLMOPT_FFF_NOTHING_TO_DO = 4,   // neither node_out nor leaves
-  SLMOPT_FFF_CUDA_ERROR = 5,
+  SLMOPT_FFF_CUDA_ERROR = 5,     // a CUDA call of this launch failed (slmopt_fff_last_cuda_error says which)
+  SLMOPT_FFF_SMALL_WORKSPACE = 6, // workspace_bytes below slmopt_fff_workspace_size()
 };
 
 #ifdef __cplusplus
@@ -103,7 +104,8 @@ SLMOPT_HD float activate(float z, int act) {
 }
 
 SLMOPT_HD float to_float(float v) { return v; }
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(SLMOPT_FFF_EMULATION)
+// (fff_emu.h gives the host emulation the same type and intrinsic names.)
 SLMOPT_HD float to_float(__half v) { return __half2float(v); }
 SLMOPT_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 #elif defined(SLMOPT_FFF_HOST_API)
@@ -116,7 +118,7 @@ template <typename T>
 SLMOPT_HD T from_float(float v) {
   return static_cast<T>(v);
 }
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(SLMOPT_FFF_EMULATION)
 template <>
 SLMOPT_HD __half from_float<__half>(float v) {
   return __float2half_rn(v);

@@ -7,9 +7,10 @@ the path when ``node_out`` is given (UltraFastBERT), then runs the reached leaf'
 weights are given (FFF "tree + leaves"). All leaf matrices are ``[E, l, h]`` (``leaf_w2`` is the down
 projection transposed, so each neuron's output row is contiguous). See cuda/fff_common.h.
 
-Kernels: a compiled C++ CPU kernel (cuda/fff_cpu.cpp, built on the first CPU call and cached on disk)
-and a CUDA kernel (cuda/fff.cu, registered by :func:`load_cuda_kernel`). Everything else — a failed
-build, other devices — runs :func:`fff_reference`, the pure-PyTorch reference. Importing this module
+Kernels: a compiled C++ CPU kernel (cuda/fff_cpu.cpp) and a CUDA kernel (cuda/fff.cu), each built on
+the op's first call on that device, cached on disk, and registered with the dispatcher (see
+:func:`ensure_native`, :func:`load_cuda_kernel`). Everything else — a failed build (one warning), other
+devices — runs :func:`fff_reference`, the pure-PyTorch reference. Importing this module
 compiles nothing. The op has no autograd formula: train through :class:`slmopt.passes.fff.layer.FFF`'s soft path.
 
 Example:
@@ -70,6 +71,7 @@ _LIB.define(_SCHEMA)
 
 _native_lock = threading.Lock()
 _native_state: dict[str, object] = {"tried": False, "path": None}
+_cuda_state: dict[str, object] = {"tried": False, "error": None}
 
 
 def _check_args(
@@ -232,14 +234,24 @@ def _fff_fake(
 def _fff_fallback(*args: object) -> Tensor:
     """Kernel for every backend without a compiled one (CompositeExplicitAutograd).
 
-    A compiled kernel registered for CPU/CUDA takes precedence in the dispatcher, so after the first CPU
-    call has loaded the C++ library this function is no longer reached for CPU tensors.
+    The first call on a CPU or CUDA tensor builds and registers that device's compiled kernel; a kernel
+    registered for CPU/CUDA takes precedence in the dispatcher, so from then on this function is no longer
+    reached for those tensors. Where the build fails (logged once), the reference runs.
     """
     x = args[0]
     assert isinstance(x, Tensor)
-    if x.device.type == "cpu" and ensure_native() and _has_kernel("CPU"):
+    if _compiled_kernel_ready(x.device.type):
         return torch.ops.slmopt.fff.default(*args)
     return fff_reference(*args)  # type: ignore[arg-type]
+
+
+def _compiled_kernel_ready(device_type: str) -> bool:
+    """Whether a compiled kernel for ``device_type`` is registered (building it on first use)."""
+    if device_type == "cpu":
+        return ensure_native() and _has_kernel("CPU")
+    if device_type == "cuda":
+        return load_cuda_kernel() and _has_kernel("CUDA")
+    return False
 
 
 _LIB.impl("fff", _fff_fallback, "CompositeExplicitAutograd")
@@ -291,9 +303,12 @@ def ensure_native(verbose: bool = False) -> bool:
 
 
 def load_cuda_kernel(verbose: bool = False) -> bool:
-    """Builds (cached) and registers the CUDA kernel of ``slmopt::fff``; opt-in, needs CUDA torch + nvcc.
+    """Builds (cached on disk) and registers the CUDA kernel of ``slmopt::fff``; needs CUDA torch + nvcc.
 
-    Until it is loaded, CUDA tensors run :func:`fff_reference` (correct, not fast).
+    Called by the op itself on the first CUDA tensor; calling it earlier only moves the build (about a
+    minute, once per torch version) out of the first forward. A failed build logs one warning and leaves
+    CUDA tensors on :func:`fff_reference` (correct, not fast); it is not retried in this process.
+    ``SLMOPT_NO_NATIVE=1`` skips the build.
 
     Args:
         verbose: Show the compiler output.
@@ -305,13 +320,29 @@ def load_cuda_kernel(verbose: bool = False) -> bool:
         >>> load_cuda_kernel()  # doctest: +SKIP  (GPU machines)
         True
     """
-    if not _has_kernel("CUDA"):
-        try:
-            from slmopt.native import build
+    if _has_kernel("CUDA"):
+        return True
+    if _cuda_state["tried"]:
+        return False
+    with _native_lock:
+        if not _cuda_state["tried"]:
+            if os.environ.get("SLMOPT_NO_NATIVE", "") not in ("", "0"):
+                _cuda_state["error"] = "SLMOPT_NO_NATIVE is set"
+                logger.info("SLMOPT_NO_NATIVE set: slmopt::fff runs the PyTorch reference on CUDA")
+            else:
+                try:
+                    from slmopt.native import build
 
-            build.load_cuda_extension(verbose=verbose)
-        except Exception as exc:  # a missing toolkit or CPU-only torch: stay on the reference
-            logger.warning("slmopt::fff: CUDA kernel unavailable, using the PyTorch reference (%s)", exc)
+                    build.load_cuda_extension(verbose=verbose)
+                except (
+                    Exception
+                ) as exc:  # a missing toolkit, CPU-only torch, a compile error: use the reference
+                    _cuda_state["error"] = f"{type(exc).__name__}: {exc}"
+                    logger.warning(
+                        "slmopt::fff: CUDA kernel unavailable, CUDA tensors run the PyTorch reference (%s)",
+                        _cuda_state["error"],
+                    )
+            _cuda_state["tried"] = True
     return _has_kernel("CUDA")
 
 
