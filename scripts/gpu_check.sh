@@ -81,6 +81,33 @@ timeout 300 "$PY" -m pytest -q -rs -p no:cacheprovider -m "gpu or cuda_build" --
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(tests)
 grep -q " passed" "$OUT/pytest.log" || failed+=(no-tests-ran)
 
+step "compute-sanitizer (memcheck, racecheck) on both designs, small shapes"
+if command -v compute-sanitizer >/dev/null; then
+  cat >"$OUT/sanitize.py" <<'PYEOF'
+import torch
+from slmopt import ops
+from tests.test_cuda_build import PARAM_NAMES, make
+assert ops.load_cuda_kernel(), ops._cuda_state
+for design, act in (("gated", "silu"), ("both", "gelu")):
+    for tokens in (3, 40):  # token kernel, batched path
+        p = {k: (v.cuda() if v is not None else None) for k, v in make(96, 3, 72, design, tokens).items()}
+        x = torch.randn(tokens, 96, device="cuda")
+        torch.ops.slmopt.fff(x, *(p[k] for k in PARAM_NAMES), act)
+torch.cuda.synchronize()
+print("sanitized run done")
+PYEOF
+  for tool in memcheck racecheck; do
+    timeout 150 compute-sanitizer --tool "$tool" --kernel-name kns=slmopt --error-exitcode 9 \
+      "$PY" "$OUT/sanitize.py" >"$OUT/sanitize_$tool.log" 2>&1
+    rc=$?
+    tail -3 "$OUT/sanitize_$tool.log"
+    [ $rc -eq 0 ] || { echo "compute-sanitizer $tool: exit $rc"; failed+=("sanitizer-$tool"); }
+  done
+  rm -f "$OUT/sanitize.py"
+else
+  echo "compute-sanitizer not found: skipped"
+fi
+
 step "op benchmark (batch 1 and 16384, fp32 and fp16; FFF CUDA kernel vs cuBLAS dense FFN)"
 timeout 200 "$PY" benchmarks/bench_fff_gpu.py --json "$OUT/bench_fff_gpu.json" 2>&1 | tee "$OUT/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(benchmark)

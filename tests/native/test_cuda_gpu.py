@@ -58,7 +58,7 @@ def test_op_on_cuda_runs_the_compiled_kernel(monkeypatch: pytest.MonkeyPatch) ->
     """No explicit load: the op's first CUDA call builds and registers fff.cu, and the reference never runs."""
 
     def no_reference(*args: object, **kwargs: object) -> torch.Tensor:
-        raise AssertionError("slmopt::fff ran the PyTorch reference on CUDA tensors")
+        raise AssertionError(f"slmopt::fff ran the PyTorch reference on CUDA tensors: {ops._cuda_state}")
 
     monkeypatch.setattr(ops, "fff_reference", no_reference)
     x, p, x_ref, p_ref = draw(128, 3, 16, "gated", 5, torch.float32, salt=0)
