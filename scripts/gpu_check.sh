@@ -11,7 +11,7 @@ PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export SLMOPT_CACHE="${SLMOPT_CACHE:-/tmp/slmopt-gpu-check-cache}"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-}"
+TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-}"
 failed=()
 t0=$SECONDS
 step() { echo; echo "=== [$((SECONDS - t0)) s] $*"; }
@@ -23,10 +23,13 @@ step "machine"
   nvcc --version | tail -2
   "$PY" -c 'import sys, torch, numpy; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "numpy", numpy.__version__, "gpu", torch.cuda.is_available())'
 } 2>&1 | tee "$OUT/machine.txt"
-if [ -z "$TORCH_CUDA_ARCH_LIST" ]; then  # build for this GPU only (torch would otherwise guess)
-  TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 9.0)"
+# This GPU's SM, from torch (the image may preset TORCH_CUDA_ARCH_LIST, e.g. to "9.0a"; that stays as given
+# for torch's extension build, while our own nvcc checks use the plain sm_XY).
+ARCH="sm_$("$PY" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 90)"
+if [ -z "$TORCH_CUDA_ARCH_LIST" ]; then
+  TORCH_CUDA_ARCH_LIST="${ARCH:3:1}.${ARCH:4}"
 fi
-ARCH="sm_${TORCH_CUDA_ARCH_LIST/./}"
+export TORCH_CUDA_ARCH_LIST
 echo "building for $ARCH (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
 
 step "install (editable, no dependencies, no network)"
@@ -96,11 +99,14 @@ for design, act in (("gated", "silu"), ("both", "gelu")):
 torch.cuda.synchronize()
 print("sanitized run done")
 PYEOF
+  : >"$OUT/sanitize.log"
   for tool in memcheck racecheck; do
-    timeout 150 compute-sanitizer --tool "$tool" --kernel-name kns=slmopt --error-exitcode 9 \
-      "$PY" "$OUT/sanitize.py" >"$OUT/sanitize_$tool.log" 2>&1
+    echo "--- $tool" >>"$OUT/sanitize.log"
+    # PYTHONPATH: the script lives in $OUT but imports the repository's tests package.
+    PYTHONPATH="$PWD" timeout 150 compute-sanitizer --tool "$tool" --kernel-name kns=slmopt --error-exitcode 9 \
+      "$PY" "$OUT/sanitize.py" >>"$OUT/sanitize.log" 2>&1
     rc=$?
-    tail -3 "$OUT/sanitize_$tool.log"
+    tail -3 "$OUT/sanitize.log"
     [ $rc -eq 0 ] || { echo "compute-sanitizer $tool: exit $rc"; failed+=("sanitizer-$tool"); }
   done
   rm -f "$OUT/sanitize.py"

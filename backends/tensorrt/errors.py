@@ -20,6 +20,7 @@ from slmopt.errors import UserError
 
 __all__ = [
     "INSTALL_HINT",
+    "MIN_TENSORRT",
     "NoGPUError",
     "TensorRTMissingError",
     "check_available",
@@ -28,6 +29,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Quickly deployable plugins with an AOT implementation (tensorrt.plugin.aot_impl, KernelLaunchParams)
+# became a stable feature in 10.9 (TensorRT samples/python/quickly_deployable_plugins/README.md).
+MIN_TENSORRT = (10, 9)
 INSTALL_HINT = (
     "install TensorRT with `pip install slmopt[tensorrt]` on a machine with an NVIDIA GPU, its driver "
     "and a CUDA build of PyTorch"
@@ -50,7 +54,24 @@ def _tensorrt_problem() -> str | None:
     # PyPI also serves placeholder 'tensorrt' packages that import but contain no runtime.
     if not hasattr(trt, "Builder"):
         return "the installed 'tensorrt' package has no tensorrt.Builder (a placeholder, not the runtime)"
+    version = str(getattr(trt, "__version__", "0"))
+    if _version_tuple(version) < MIN_TENSORRT:
+        want = ".".join(map(str, MIN_TENSORRT))
+        return (
+            f"TensorRT {version} is too old: the SlmoptFFF plugin's ahead-of-time kernel needs "
+            f"tensorrt.plugin.aot_impl and KernelLaunchParams (TensorRT >= {want})"
+        )
     return None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """(10, 9) for "10.9.0.34"; non-numeric parts end the tuple ("10.x" -> (10,))."""
+    out = []
+    for part in version.split(".")[:2]:
+        if not part.isdigit():
+            break
+        out.append(int(part))
+    return tuple(out)
 
 
 def _gpu_problem() -> str | None:

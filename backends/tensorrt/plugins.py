@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 import onnx.numpy_helper
 
@@ -56,6 +57,7 @@ from slmopt.backends.tensorrt.kernel import (
     KERNEL_NAMES,
     PLUGIN_ID,
     PLUGIN_INPUTS,
+    PTX_ISA,
     THREADS,
     _full_source,
     _ptx_bytes,
@@ -63,6 +65,7 @@ from slmopt.backends.tensorrt.kernel import (
     compile_ptx,
     kernel_source,
     ptx_entry_params,
+    ptx_header,
 )
 
 __all__ = [
@@ -75,6 +78,7 @@ __all__ = [
     "PLUGIN_FIELDS",
     "PLUGIN_ID",
     "PLUGIN_INPUTS",
+    "PTX_ISA",
     "LaunchConfig",
     "arch_digits",
     "bind_plugin_inputs",
@@ -86,6 +90,7 @@ __all__ = [
     "parse_bound_node",
     "plugin_report",
     "ptx_entry_params",
+    "ptx_header",
     "register",
 ]
 
@@ -93,8 +98,14 @@ log = logging.getLogger(__name__)
 
 # Read by the ONNX parser to find the creator; every other attribute is a plugin field.
 LOOKUP_ATTRIBUTES = ("plugin_namespace", "plugin_version")
-_PY_TYPES = {onnx.AttributeProto.STRING: str, onnx.AttributeProto.INT: int}
-PLUGIN_FIELDS: dict[str, type] = {
+# INT attributes are declared as 1-element int32 arrays, not `int`: TensorRT's quick-plugin creator
+# converts a builtin-typed field with `int(field.data)`, and field.data is the 1-element array the ONNX
+# parser fills, which NumPy >= 2.4 refuses to convert ("only 0-dimensional arrays can be converted");
+# array-typed fields it hands over as `field.data.astype(dtype)` (tensorrt/plugin/_lib.py
+# _TemplatePluginCreator.create_plugin). _spec_of reads the one element back.
+INT_FIELD = npt.NDArray[np.int32]
+_PY_TYPES: dict[int, Any] = {onnx.AttributeProto.STRING: str, onnx.AttributeProto.INT: INT_FIELD}
+PLUGIN_FIELDS: dict[str, Any] = {
     name: _PY_TYPES[kind] for name, kind in fff_spec.ATTRIBUTE_TYPES.items() if name not in LOOKUP_ATTRIBUTES
 }
 # fff_spec.ACTIVATIONS is in the order of cuda/fff_common.h's SlmoptFffActivation enum (tests check it).
@@ -227,6 +238,9 @@ def plugin_report(model: onnx.ModelProto, arch: str) -> list[dict[str, Any]]:
             "activations": sorted({s.activation for s in specs}),
             "kernels": sorted(KERNEL_NAMES.values()),
             "ptx_arch": f"compute_{arch_digits(arch)}",
+            # The PTX ISA the embedded PTX declares: a driver JITs it only if its CUDA version knows it.
+            "ptx_isa": PTX_ISA,
+            "ptx_target": f"sm_{arch_digits(arch)}",
             "kernel_source_sha256": hashlib.sha256(_full_source().encode()).hexdigest(),
         }
     ]
@@ -262,10 +276,19 @@ def _with_signature(fn: Callable[..., Any], sig: inspect.Signature, name: str) -
     return fn
 
 
+def _field_value(value: Any) -> str | int:
+    """A plugin field as TensorRT hands it over: a str (C terminator stripped) or a 1-element int array."""
+    if isinstance(value, str):
+        return value.rstrip("\0")
+    flat = np.asarray(value).reshape(-1)
+    if flat.size != 1:
+        raise ValueError(f"{PLUGIN_ID}: an int attribute must have exactly one value, got {flat.size}")
+    return int(flat[0])
+
+
 def _spec_of(attrs: Sequence[Any]) -> fff_spec.FFFSpec:
     values = dict(zip(PLUGIN_FIELDS, attrs, strict=True))
-    clean = {k: v.rstrip("\0") if isinstance(v, str) else int(v) for k, v in values.items()}
-    return fff_spec.FFFSpec.from_attributes(clean)
+    return fff_spec.FFFSpec.from_attributes({k: _field_value(v) for k, v in values.items()})
 
 
 def _static(dim: Any) -> int | None:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MANIFEST_FILE",
+    "apply_settings",
     "PLAN_FILE",
     "InputInfo",
     "TensorRTEngine",
@@ -206,6 +207,25 @@ def environment() -> dict[str, Any]:
     }
 
 
+def apply_settings(trt: Any, config: Any, settings: Mapping[str, Any]) -> None:
+    """Applies the ``_CONFIG_SETTERS`` keys of ``settings`` to an ``IBuilderConfig``.
+
+    None and False mean "leave TensorRT's default"; 0 is a value (``builder_optimization_level=0`` is the
+    fastest build, and what the manifest and the trtexec line then say), so the test is identity, not
+    truthiness.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> config = SimpleNamespace()
+        >>> apply_settings(None, config, {"builder_optimization_level": 0, "sparse_weights": False})
+        >>> config.builder_optimization_level
+        0
+    """
+    for key, value in settings.items():
+        if key in _CONFIG_SETTERS and value is not None and value is not False:
+            _CONFIG_SETTERS[key](trt, config, value)
+
+
 def build_plan(
     onnx_path: Path, profiles: Mapping[str, Sequence[Sequence[int]]], settings: Mapping[str, Any]
 ) -> tuple[bytes, list[str]]:
@@ -241,9 +261,7 @@ def build_plan(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    for key, value in settings.items():
-        if key in _CONFIG_SETTERS and value not in (None, False):
-            _CONFIG_SETTERS[key](trt, config, value)
+    apply_settings(trt, config, settings)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profiles.items():
         profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
@@ -333,6 +351,12 @@ class TensorRTEngine(Engine):
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.inputs):
             raise TypeError(f"the plan takes {len(self.inputs)} inputs {self.inputs}, got {len(inputs)}")
+        # The execution context belongs to the GPU it was created on; on a multi-GPU host the caller's
+        # current device may be another one, and TensorRT enqueues on the current device.
+        with torch.cuda.device(self.device):
+            return self._execute(inputs)
+
+    def _execute(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         on_gpu = isinstance(inputs[0], torch.Tensor) and inputs[0].is_cuda
         keep = []  # device tensors must outlive the asynchronous execution
         for name, x in zip(self.inputs, inputs, strict=True):

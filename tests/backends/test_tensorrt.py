@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -92,7 +93,7 @@ def test_plugin_declaration_comes_from_fff_spec() -> None:
     # Field order is the order TensorRT hands attributes to aot_impl: the spec's dataclass order.
     assert list(plugins.PLUGIN_FIELDS) == [f.name for f in dataclasses.fields(fff_spec.FFFSpec)]
     assert set(plugins.PLUGIN_FIELDS) | set(plugins.LOOKUP_ATTRIBUTES) == set(fff_spec.ATTRIBUTE_TYPES)
-    kinds = {str: onnx.AttributeProto.STRING, int: onnx.AttributeProto.INT}
+    kinds = {str: onnx.AttributeProto.STRING, plugins.INT_FIELD: onnx.AttributeProto.INT}
     assert all(fff_spec.ATTRIBUTE_TYPES[n] == kinds[t] for n, t in plugins.PLUGIN_FIELDS.items())
 
     class Desc:  # stand-in for trtp.TensorDesc
@@ -312,6 +313,7 @@ def test_manifest_for_given_options(plugin_bundle) -> None:
     assert m["profiles"] == [{"x": {"min": [1, 32], "opt": [2, 32], "max": [16, 32]}}]
     assert m["flags"]["strongly_typed"] and m["flags"]["sparse_weights"] and m["precision"] == "bf16"
     assert m["plugins"][0]["id"] == plugins.PLUGIN_ID and m["plugins"][0]["ptx_arch"] == "compute_80"
+    assert (m["plugins"][0]["ptx_isa"], m["plugins"][0]["ptx_target"]) == (plugins.PTX_ISA, "sm_80")
     assert m["sparse_layers"] == sparse and m["pipeline"] == "mask-2to4{method=wanda}"
     assert shlex.split(m["trtexec"]) == builder.trtexec_command(opts, profiles)
     assert (
@@ -361,7 +363,7 @@ def test_kernel_args_and_kernel_source_share_fff_cuda_definitions() -> None:
 def test_plugin_ptx_compiles(tmp_path, arch) -> None:
     path = plugins.compile_ptx(arch, cache_dir=tmp_path)
     ptx = path.read_text()
-    assert f".target {arch}" in ptx
+    assert plugins.ptx_header(ptx) == {"version": plugins.PTX_ISA, "target": arch}  # pinned, not nvcc's
     want = [".u64"] * len(plugins.PLUGIN_INPUTS) + [".u32"] * len(plugins.EXTRA_ARGS) + [".u64"]
     assert plugins.ptx_entry_params(ptx) == dict.fromkeys(plugins.KERNEL_NAMES.values(), want)
     mtime = path.stat().st_mtime_ns
@@ -430,9 +432,10 @@ def test_aot_implementation_with_a_stand_in_tensorrt(monkeypatch) -> None:
     assert plugins.register("sm_90", trtp=trtp, trt=trt) and not plugins.register("sm_90", trtp=trtp, trt=trt)
     shapes = SPEC.input_shapes(H) | {"x": (3, 5, H)}
     descs = [_FakePlugin.TensorDesc(shapes.get(name, (1,)), "f16") for name in plugins.PLUGIN_INPUTS]
-    # The ONNX parser hands string attributes over with their C terminator.
+    # What TensorRT hands over: strings with their C terminator, ints as the 1-element int32 arrays the
+    # ONNX parser fills (field.data.astype(int32) for the NDArray-annotated fields).
     attrs = [
-        v + "\0" if isinstance(v, str) else v
+        v + "\0" if isinstance(v, str) else np.array([v], dtype=np.int32)
         for k, v in SPEC.to_attributes().items()
         if k in plugins.PLUGIN_FIELDS
     ]
