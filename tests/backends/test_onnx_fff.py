@@ -428,6 +428,7 @@ def test_ops_lowering_matches_loop_on_random_shapes(case: tuple[Cfg, str, int, i
         p = module.params["f"]
         assert p["node_w"] is not None and p["node_b"] is not None
         mask = onnx_fff.routing_margin_mask(x, p["node_w"], p["node_b"])
+        assert mask.float().mean() >= 0.5, "too many near-tie tokens for a meaningful check"
         got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
         want = loop_reference(x, p, cfg.activation)
         assert got.shape == want.shape

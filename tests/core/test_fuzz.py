@@ -13,12 +13,12 @@ examples per test) and ``long`` (local: many random examples), e.g.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import string
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +42,17 @@ PROFILES_MODEL = {
     "fast": settings(max_examples=5, derandomize=True, **_COMMON),
     "long": settings(max_examples=150, **_COMMON),
 }
-PROFILE = os.environ.get("SLMOPT_FUZZ", "fast")
-if PROFILE not in PROFILES:
-    raise ValueError(f"SLMOPT_FUZZ must be one of {sorted(PROFILES)}, got {PROFILE!r}")
+
+
+def select_profile(environ: Mapping[str, str]) -> str:
+    """The profile ``SLMOPT_FUZZ`` names (default ``fast``); an unknown name is an error, not a silent default."""
+    name = environ.get("SLMOPT_FUZZ", "fast")
+    if name not in PROFILES:
+        raise ValueError(f"SLMOPT_FUZZ must be one of {sorted(PROFILES)}, got {name!r}")
+    return name
+
+
+PROFILE = select_profile(os.environ)
 FUZZ, FUZZ_MODEL = PROFILES[PROFILE], PROFILES_MODEL[PROFILE]
 VOCAB = 256
 
@@ -335,6 +343,12 @@ def test_huge_calibration_line_is_read_without_error(tmp_path):
 
 
 def test_profile_is_selected_by_environment():
-    assert PROFILE in PROFILES
-    assert FUZZ.max_examples <= PROFILES["long"].max_examples
-    assert io is not None
+    """The variable picks the profile; the default is the small derandomized CI one; a typo is an error.
+    (Before issue 15 this test only restated the module's own assignments and could not fail.)"""
+    assert select_profile({}) == "fast" and select_profile({"SLMOPT_FUZZ": "long"}) == "long"
+    with pytest.raises(ValueError, match="SLMOPT_FUZZ must be one of"):
+        select_profile({"SLMOPT_FUZZ": "longg"})
+    fast, long = PROFILES["fast"], PROFILES["long"]
+    assert fast.derandomize and not long.derandomize and fast.max_examples < long.max_examples
+    assert PROFILES_MODEL["fast"].max_examples < PROFILES_MODEL["long"].max_examples
+    assert FUZZ is PROFILES[select_profile(os.environ)]  # the decorators use what the environment names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -217,3 +218,38 @@ def test_nvcc_command_flags() -> None:
 
 
 # The CUDA kernel's GPU checks (registered op, launcher API, plugin PTX) live in test_cuda_gpu.py.
+
+
+def test_cuda_tensors_build_and_register_the_cuda_kernel(monkeypatch, caplog) -> None:
+    """The op itself loads fff.cu on its first CUDA call (issue 15: nothing called load_cuda_kernel, so CUDA
+    tensors always ran the reference); a failed build warns once and is not retried."""
+    if ops._has_kernel("CUDA"):
+        pytest.skip("a CUDA kernel is already registered in this process")
+    monkeypatch.delenv("SLMOPT_NO_NATIVE", raising=False)
+    calls: list[bool] = []
+
+    def broken_build(verbose: bool = False) -> str:
+        calls.append(verbose)
+        raise RuntimeError("nvcc exploded")
+
+    monkeypatch.setattr(build, "load_cuda_extension", broken_build)
+    monkeypatch.setattr(ops, "_cuda_state", {"tried": False, "error": None})
+    with caplog.at_level(logging.WARNING, logger="slmopt.ops"):
+        assert not ops._compiled_kernel_ready("cuda") and not ops._compiled_kernel_ready("cuda")
+    assert calls == [False]
+    assert [r.getMessage() for r in caplog.records if "nvcc exploded" in r.getMessage()] != []
+    assert len([r for r in caplog.records if "CUDA kernel unavailable" in r.getMessage()]) == 1
+
+    lib = torch.library.Library("slmopt", "IMPL")  # stands in for the extension's TORCH_LIBRARY_IMPL
+
+    def working_build(verbose: bool = False) -> str:
+        lib.impl("fff", lambda *args: args[0], "CUDA")
+        return "libfake.so"
+
+    monkeypatch.setattr(build, "load_cuda_extension", working_build)
+    monkeypatch.setattr(ops, "_cuda_state", {"tried": False, "error": None})
+    try:
+        assert ops._compiled_kernel_ready("cuda") and ops._has_kernel("CUDA")
+    finally:
+        lib._destroy()
+    assert not ops._has_kernel("CUDA") and not ops._compiled_kernel_ready("meta")

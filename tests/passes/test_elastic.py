@@ -205,6 +205,30 @@ def test_latency_budget_picks_a_subnet_that_meets_it():
     assert manager.variants["1000ms"][0].num_params() == reports[0].metrics["total_params"]
 
 
+def test_latency_budget_binds(monkeypatch):
+    """A budget the full model misses must yield the largest candidate that meets it (before issue 15 the
+    only latency test used a budget that never bound). Latency is made a deterministic function of the
+    subnet's size (10 ms/token for the full model), so the boundary is exact on a loaded machine."""
+    import slmopt.elastic_latency as elastic_latency
+
+    program = _captured("gpt2")
+    total = program.num_params()
+    monkeypatch.setattr(
+        elastic_latency,
+        "measure_ms_per_token",
+        lambda sub, backend, threads=None: 10.0 * sub.num_params() / total,
+    )
+    manager = PassManager(parse_pipeline("elastic{latency=6}"))
+    _, reports = manager.run(program, PassContext(calib=CALIB, progress=False, backend="onnxruntime"))
+    measured = reports[0].metrics["search"]["6ms"]["measured"]
+    chosen = manager.variants["6ms"][0]
+    assert chosen.num_params() < total and 10.0 * chosen.num_params() / total <= 6.0
+    # smallest first (feasibility), then candidates from the largest down: all rejected but the last
+    tried = measured[1:]
+    assert tried[0]["fraction"] == 1.0 and all(m["ms_per_token"] > 6.0 for m in tried[:-1])
+    assert tried[-1]["ms_per_token"] <= 6.0 and len(tried) >= 2
+
+
 def test_cli_bad_budget_is_one_line(tmp_path, capsys, ids_file):
     model_dir = save_hf("llama", tmp_path / "llama")
     capsys.readouterr()

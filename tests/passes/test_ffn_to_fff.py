@@ -194,7 +194,8 @@ def test_rewrite_structure_params_and_reference(name: str) -> None:
     got = new(ids)
     ref, margins = _spliced_output(name, new, ids)
     clear = margins > 1e-4  # a near-tie routing decision may legitimately go either way
-    assert clear.any()
+    # (issue 15: `clear.any()` let a single compared sequence pass)
+    assert clear.float().mean() >= 0.5, f"only {int(clear.sum())} of {clear.numel()} sequences compared"
     torch.testing.assert_close(got[clear], ref[clear], rtol=1e-4, atol=1e-4)
 
     # The re-exported program runs, on a new shape too, and agrees.

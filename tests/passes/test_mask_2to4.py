@@ -121,6 +121,19 @@ def test_sparsegpt_is_true_sequential(programs, calib) -> None:
     got = new.param(o_proj.weight)
     assert torch.allclose(got, sequential, rtol=1e-4, atol=1e-6)
     assert (got - parallel).abs().max() > 1e-3
+    # The comparisons above run sparsegpt_prune on both sides, so they cannot see a broken OBS update
+    # (issue 15: they passed with it removed). Independently: with the same mask, the OBS-updated kept
+    # weights must reconstruct o_proj's output on its calibration inputs (error tr(D H Dᵀ), D = W - Ŵ)
+    # clearly better than just zeroing the pruned weights.
+    hessian = collect_input_stats(new, [o_proj.node], calib)[o_proj.node].hessian().double()
+
+    def output_error(w: torch.Tensor) -> float:
+        d = (w_orig - w).double()
+        return float(torch.einsum("ij,jk,ik->", d, hessian, d))
+
+    kept = got != 0
+    assert not torch.equal(got[kept], w_orig[kept])  # the kept weights were updated
+    assert output_error(got) < 0.9 * output_error(w_orig * kept)
 
 
 def test_layers_and_roles_select_subset(programs) -> None:
