@@ -89,7 +89,7 @@ if command -v compute-sanitizer >/dev/null; then
   cat >"$OUT/sanitize.py" <<'PYEOF'
 import torch
 from slmopt import ops
-from tests.test_cuda_build import PARAM_NAMES, make
+from tests.native.test_cuda_build import PARAM_NAMES, make
 assert ops.load_cuda_kernel(), ops._cuda_state
 for design, act in (("gated", "silu"), ("both", "gelu")):
     for tokens in (3, 40):  # token kernel, batched path

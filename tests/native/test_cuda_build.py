@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import logging
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from slmopt import ops
+from slmopt.backends.tensorrt import kernel as trt_kernel
 from slmopt.native import build
 
 NVCC = build.find_nvcc()
@@ -253,3 +256,24 @@ def test_cuda_tensors_build_and_register_the_cuda_kernel(monkeypatch, caplog) ->
     finally:
         lib._destroy()
     assert not ops._has_kernel("CUDA") and not ops._compiled_kernel_ready("meta")
+
+
+def test_every_included_kernel_source_ships_in_the_wheel() -> None:
+    """fff.cu, the plugin's generated unit and the emulator include headers by name; each must match the
+    package-data globs of slmopt.native, or an installed slmopt cannot compile its kernels."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = build.SOURCE_DIR.parent
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "slmopt.native"
+    ]
+    sources = [p.read_text() for p in build.SOURCE_DIR.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")]
+    included = {
+        name
+        for text in [*sources, trt_kernel.kernel_source()]
+        for name in re.findall(r'#include "([^"]+)"', text)
+    }
+    included |= set(trt_kernel.KERNEL_HEADERS) | {"fff.cu", "fff_emu.cpp", "fff_emu.h"}
+    assert {"fff_token_kernel.cuh", "fff_launch.cuh", "fff_batched_kernels.cuh", "fff_common.h"} <= included
+    for name in included:
+        assert (build.SOURCE_DIR / name).is_file(), name
+        assert any(fnmatch.fnmatch(name, g) for g in globs), f"{name} is not shipped (package-data {globs})"

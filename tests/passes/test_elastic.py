@@ -209,7 +209,7 @@ def test_latency_budget_binds(monkeypatch):
     """A budget the full model misses must yield the largest candidate that meets it (before issue 15 the
     only latency test used a budget that never bound). Latency is made a deterministic function of the
     subnet's size (10 ms/token for the full model), so the boundary is exact on a loaded machine."""
-    import slmopt.elastic_latency as elastic_latency
+    import slmopt.passes.elastic.latency as elastic_latency
 
     program = _captured("gpt2")
     total = program.num_params()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from slmopt import fff_spec
+from slmopt.backends import fff_spec
 from slmopt.backends.tensorrt import errors, kernel, plugins, runtime
 
 SPEC = fff_spec.FFFSpec(
