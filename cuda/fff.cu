@@ -62,6 +62,16 @@ struct CudaExec {
   }
 
   int memset(void* ptr, int value, size_t bytes) { return record(cudaMemsetAsync(ptr, value, bytes, stream)); }
+
+  int multiprocessors() {
+    int device = 0, count = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 1;  // unknown: one block per token, as before the split design
+    }
+    return count;
+  }
 };
 
 template <typename T>
@@ -78,8 +88,8 @@ int forward_on_stream(const SlmoptFffParams& p, void* workspace, size_t workspac
 // ---- extern "C" launcher API (raw pointers; what a TensorRT plugin calls) ----
 extern "C" {
 
-// Bytes of device workspace forward needs (the batched path's; the token path uses none, but falls back
-// to the batched path when its shared memory exceeds the device's limit).
+// Bytes of device workspace forward needs. For T <= 16 a smaller workspace (even none) still works: the
+// token design then runs one block per token instead of splitting each token's leaf over several.
 size_t slmopt_fff_workspace_size(const SlmoptFffParams* p, int element_bytes) {
   return slmopt::fff::workspace_layout(*p, element_bytes, nullptr, nullptr);
 }

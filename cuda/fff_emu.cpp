@@ -2,8 +2,8 @@
 // without a GPU: the same fff_launch.cuh / kernel headers nvcc compiles, executed block by block.
 //
 // extern "C" API (ctypes): slmopt_fff_emu_forward(dtype 0 f32 / 1 f16 / 2 bf16, params, workspace, bytes),
-// slmopt_fff_emu_configure(order, opt-in limit, refuse opt-in), slmopt_fff_emu_log() (one line per launch,
-// or the emulator's error). Built by slmopt.native.build.compile_emulator.
+// slmopt_fff_emu_configure(order, opt-in limit, refuse opt-in), slmopt_fff_emu_set_multiprocessors(n),
+// slmopt_fff_emu_log() (one line per launch, or the emulator's error). Built by slmopt.native.build.compile_emulator.
 #include "fff_emu.h"
 #include "fff_launch.cuh"
 
@@ -15,6 +15,7 @@ struct Settings {
   slmopt_emu::Order order = slmopt_emu::kLowestFirst;
   size_t optin_limit = 227 * 1024;  // sm_90's cudaDevAttrMaxSharedMemoryPerBlockOptin
   bool refuse_optin = false;        // cudaFuncSetAttribute fails (another reason a device may say no)
+  int multiprocessors = 132;        // an H100/H200
 } settings;
 
 std::string log_text;
@@ -47,11 +48,15 @@ struct EmuExec {
     std::memset(ptr, value, bytes);
     return 0;
   }
+
+  int multiprocessors() const { return settings.multiprocessors; }
 };
 
 }  // namespace
 
 extern "C" {
+
+void slmopt_fff_emu_set_multiprocessors(int count) { settings.multiprocessors = count; }
 
 void slmopt_fff_emu_configure(int order, long long optin_limit, int refuse_optin) {
   slmopt_emu::machine().order = static_cast<slmopt_emu::Order>(order);

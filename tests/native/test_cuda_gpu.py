@@ -69,8 +69,8 @@ def test_op_on_cuda_runs_the_compiled_kernel(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_kernel_matches_reference(dtype: torch.dtype) -> None:
-    """T = 1 and 16 take the token kernel, 17 and 4096 the batched one; h = 320 > 256 threads and > 64
-    columns (several GEMM column tiles), l = 72 > one 64-wide tile."""
+    """T = 1 and 16 take the token design (leaf split over 9 blocks per token), 17 and 4096 the batched
+    one; h = 320 > 256 threads and > 64 columns (several GEMM column tiles), l = 72 > one 64-wide tile."""
     for design, act in DESIGNS.items():
         for tokens in (1, 16, 17, 4096):
             x, p, x_ref, p_ref = draw(320, 4, 72, design, tokens, dtype, salt=tokens)
@@ -113,7 +113,7 @@ def launcher() -> ctypes.CDLL:
 
 
 def prepare(
-    lib: ctypes.CDLL, x: torch.Tensor, p: dict, act: str, nodes: int | None = None
+    lib: ctypes.CDLL, x: torch.Tensor, p: dict, act: str, nodes: int | None = None, workspace: bool = True
 ) -> tuple[Callable[[], int], torch.Tensor]:
     """A no-argument call of the launcher API for x (returns its status) and the NaN-poisoned output."""
     y = torch.full_like(x, float("nan"))  # poison: every element must be written
@@ -123,7 +123,7 @@ def prepare(
         x.data_ptr(), *(ptr[k] for k in PARAM_NAMES), y.data_ptr(), x.shape[0], x.shape[1],
         p["node_w"].shape[0] if nodes is None else nodes, width, plugins.ACTIVATION_IDS[act],
     )  # fmt: skip
-    size = lib.slmopt_fff_workspace_size(ctypes.byref(params), x.element_size())
+    size = lib.slmopt_fff_workspace_size(ctypes.byref(params), x.element_size()) if workspace else 0
     ws = torch.full((max(size, 1),), 0xFF, dtype=torch.uint8, device=x.device)  # poisoned workspace too
     entry = {torch.float32: lib.slmopt_fff_forward_f32, torch.float16: lib.slmopt_fff_forward_f16,
              torch.bfloat16: lib.slmopt_fff_forward_bf16}[x.dtype]  # fmt: skip
@@ -137,9 +137,9 @@ def prepare(
 
 
 def launch(
-    lib: ctypes.CDLL, x: torch.Tensor, p: dict, act: str, nodes: int | None = None
+    lib: ctypes.CDLL, x: torch.Tensor, p: dict, act: str, nodes: int | None = None, workspace: bool = True
 ) -> tuple[int, torch.Tensor]:
-    call, y = prepare(lib, x, p, act, nodes)
+    call, y = prepare(lib, x, p, act, nodes, workspace)
     status = call()
     torch.cuda.synchronize()
     return status, y
@@ -150,9 +150,13 @@ def test_launcher_api_writes_every_output(launcher: ctypes.CDLL, dtype: torch.dt
     for design, act in DESIGNS.items():
         for tokens in (1, 16, 17, 1000):
             x, p, x_ref, p_ref = draw(200, 3, 24, design, tokens, dtype, salt=7 * tokens)
-            status, y = launch(launcher, x, p, act)
-            assert status == 0 and launcher.slmopt_fff_last_cuda_error() == 0
-            check(y, x_ref, p_ref, act, dtype, f"launcher {design} {dtype} T={tokens}")
+            # T <= 16 with the full workspace: each token's leaf split over blocks; with none: one block each
+            for workspace in (True, False) if tokens <= 16 else (True,):
+                status, y = launch(launcher, x, p, act, workspace=workspace)
+                assert status == 0 and launcher.slmopt_fff_last_cuda_error() == 0
+                check(
+                    y, x_ref, p_ref, act, dtype, f"launcher {design} {dtype} T={tokens} workspace={workspace}"
+                )
 
 
 def test_launcher_leaves_unrelated_errors_alone(launcher: ctypes.CDLL) -> None:

@@ -42,6 +42,7 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     lib.slmopt_fff_emu_workspace_size.argtypes = [ctypes.POINTER(Params), ctypes.c_int]
     lib.slmopt_fff_emu_configure.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_int]
     lib.slmopt_fff_emu_log.restype = ctypes.c_char_p
+    lib.slmopt_fff_emu_set_multiprocessors.argtypes = [ctypes.c_int]
     yield lib
     lib.slmopt_fff_emu_configure(0, 227 * 1024, 0)
 
@@ -58,8 +59,9 @@ def emulate(
     order: int = 0,
     optin: int = 227 * 1024,
     refuse: int = 0,
+    workspace: bool = True,
 ) -> tuple[torch.Tensor, str]:
-    """fff.cu's forward on the emulator: (y in x's dtype, launch log)."""
+    """fff.cu's forward on the emulator (an H200's 132 SMs unless set): (y in x's dtype, launch log)."""
     lib.slmopt_fff_emu_configure(order, optin, refuse)
     y = poisoned_like(x)
     ptr = {k: (v.data_ptr() if v is not None else None) for k, v in p.items()}
@@ -68,10 +70,9 @@ def emulate(
         x.data_ptr(), *(ptr[k] for k in PARAM_NAMES), y.data_ptr(), x.shape[0], x.shape[1],
         p["node_w"].shape[0], width, ops_activation_id(act),
     )  # fmt: skip
-    ws = torch.full(
-        (lib.slmopt_fff_emu_workspace_size(ctypes.byref(params), x.element_size()),), 0xFF, dtype=torch.uint8
-    )
-    status = lib.slmopt_fff_emu_forward(DTYPES[x.dtype], ctypes.byref(params), ws.data_ptr(), ws.numel())
+    size = lib.slmopt_fff_emu_workspace_size(ctypes.byref(params), x.element_size()) if workspace else 0
+    ws = torch.full((max(size, 1),), 0xFF, dtype=torch.uint8)  # poisoned: kernels must write before reading
+    status = lib.slmopt_fff_emu_forward(DTYPES[x.dtype], ctypes.byref(params), ws.data_ptr(), size)
     log = lib.slmopt_fff_emu_log().decode()
     assert status == 0, f"status {status}:\n{log}"
     return y, log
@@ -108,10 +109,29 @@ def test_emulated_kernels_match_reference(emu: ctypes.CDLL, design: str, act: st
     for order in ORDERS:
         y, log = emulate(emu, x, p, act, order=order)
         first = log.split()[0]
-        assert first == ("token_kernel" if tokens <= 16 else "route_kernel"), log  # the T = 16/17 boundary
+        # The T = 16/17 boundary; at T <= 16 a leaf of 72 neurons splits into 9 slices of 8 per token.
+        want = "route_kernel" if tokens > 16 else "token_kernel" if design == "ufb" else "token_split_kernel"
+        assert first == want, log
+        if want == "token_split_kernel":
+            assert log.startswith(f"token_split_kernel grid={tokens}x9 ") and "reduce_kernel" in log, log
         if tokens > 16 and design != "ufb":
             assert "leaf_down_kernel grid=" in log and "x2 " in log.split("leaf_down_kernel grid=")[1], log
         check(y, x, p, act, f"{design} T={tokens} order={order}")
+
+
+@pytest.mark.parametrize(("sms", "workspace", "want"), [(132, False, "token_kernel"), (1, True, "token_kernel"),
+                                                        (4, True, "token_split_kernel grid=3x3 ")])  # fmt: skip
+def test_token_design_without_room_to_split(emu: ctypes.CDLL, sms: int, workspace: bool, want: str) -> None:
+    """No workspace (the launcher API allows none at T <= 16) or a one-SM device: one block per token;
+    4 SMs and 3 tokens: ceil(8 / 3) = 3 slices (about two blocks per SM), not 9."""
+    emu.slmopt_fff_emu_set_multiprocessors(sms)
+    try:
+        x, p = inputs(96, 3, 72, "gated", 3, torch.float32, seed=4)
+        y, log = emulate(emu, x, p, "silu", workspace=workspace)
+    finally:
+        emu.slmopt_fff_emu_set_multiprocessors(132)
+    assert log.startswith(want), log
+    check(y, x, p, "silu", f"sms={sms} workspace={workspace}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
