@@ -80,7 +80,8 @@ rm -rf "$OUT/build"
 step "tests marked gpu / cuda_build"
 timeout 300 "$PY" -m pytest -q -rs -p no:cacheprovider -m "gpu or cuda_build" --junitxml="$OUT/pytest.xml" \
   --continue-on-collection-errors \
-  tests/native/test_cuda_gpu.py tests/native/test_cuda_build.py tests/backends/test_tensorrt.py 2>&1 | tee "$OUT/pytest.log"
+  tests/native/test_cuda_gpu.py tests/native/test_cuda_build.py tests/backends/test_tensorrt.py \
+  tests/backends/test_tensorrt_traps.py 2>&1 | tee "$OUT/pytest.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(tests)
 grep -q " passed" "$OUT/pytest.log" || failed+=(no-tests-ran)
 
