@@ -305,16 +305,9 @@ def ensure_native(verbose: bool = False) -> bool:
 def load_cuda_kernel(verbose: bool = False) -> bool:
     """Builds (cached on disk) and registers the CUDA kernel of ``slmopt::fff``; needs CUDA torch + nvcc.
 
-    Called by the op itself on the first CUDA tensor; calling it earlier only moves the build (about a
-    minute, once per torch version) out of the first forward. A failed build logs one warning and leaves
-    CUDA tensors on :func:`fff_reference` (correct, not fast); it is not retried in this process.
-    ``SLMOPT_NO_NATIVE=1`` skips the build.
-
-    Args:
-        verbose: Show the compiler output.
-
-    Returns:
-        Whether a CUDA kernel is registered.
+    The op calls it on its first CUDA tensor (calling it earlier moves the ~30 s build out of the first
+    forward). A failed build logs one warning, leaves CUDA tensors on :func:`fff_reference` and is not
+    retried in this process; ``SLMOPT_NO_NATIVE=1`` skips the build. Returns whether a kernel is registered.
 
     Example:
         >>> load_cuda_kernel()  # doctest: +SKIP  (GPU machines)
