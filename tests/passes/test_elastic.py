@@ -218,8 +218,7 @@ def test_latency_budget_binds(monkeypatch):
         "measure_ms_per_token",
         lambda sub, backend, threads=None: 10.0 * sub.num_params() / total,
     )
-    manager = PassManager(parse_pipeline("elastic{latency=6}"))
-    _, reports = manager.run(program, PassContext(calib=CALIB, progress=False, backend="onnxruntime"))
+    manager, _, reports = run_pipeline(program, "elastic{latency=6}", CALIB, backend="onnxruntime")
     measured = reports[0].metrics["search"]["6ms"]["measured"]
     chosen = manager.variants["6ms"][0]
     assert chosen.num_params() < total and 10.0 * chosen.num_params() / total <= 6.0
