@@ -115,14 +115,16 @@ class Backend(ABC):
 class Decoder(Protocol):
     """An incremental decoder: ``(ids, past) -> (logits [B, S, V], present)``.
 
-    ``layout`` describes the cache (``slmopt.generation.kv_cache.CacheLayout``) and ``config`` the
-    generation settings written next to it (a ``genai_config.json``-style dict with ``"model"`` and
-    ``"slmopt"`` sections).
+    ``layout`` describes the cache (``slmopt.generation.kv_cache.CacheLayout``), ``config`` the generation
+    settings written next to it (a ``genai_config.json``-style dict with a ``"model"`` section) and
+    ``meta`` slmopt's own description (``slmopt_generation.json``: slots, ``special_tokens``,
+    ``tokenizer``, ``byte_level``).
     """
 
     backend: str
     layout: Any
     config: dict[str, Any]
+    meta: dict[str, Any]
 
     def empty_past(self, batch: int) -> list[Any]: ...
 

@@ -2,15 +2,27 @@
 
 :func:`lower_generation` adds the KV cache to the final Program (:func:`slmopt.generation.kv_cache.add_kv_cache`),
 exports it with named inputs ``input_ids, past_key_values.{i}.key/value`` and outputs ``logits,
-present.{i}.key/value`` (dynamic batch, sequence and past length; past length 0 is prefill), checks in ONNX
-Runtime that prefill + one decode step reproduce the Program's full forward, copies the model's tokenizer
-into ``tokenizer/`` and writes ``genai_config.json`` (an onnxruntime-genai-style description: layers, heads,
-KV heads, head size, cache layout, dtype, vocabulary, context, special tokens, tokenizer, and which original
-block each cache slot belongs to). :class:`OnnxDecoder` runs the result step by step.
+present.{i}.key/value`` (dynamic batch, sequence and past length; past length 0 is prefill) and checks in
+ONNX Runtime that prefill, a chunk and a decode step reproduce the Program's full forward (past any sliding
+window). Beside it go:
+
+* ``genai_config.json``, for the ONNX Runtime GenAI client (``onnxruntime-genai``), holding only keys that
+  client knows: its 0.18 parser rejects unknown keys and ``null`` special-token ids, and its
+  ``"decoder"`` model type is the generic decoder-only model (family names such as ``gpt2`` select
+  family-specific input layouts that this decoder does not have). A model without a BOS/EOS/PAD id gets
+  a placeholder the client accepts (recorded in ``slmopt_generation.json`` and logged);
+* the model's tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ...), in the same folder,
+  where the client looks for them;
+* ``slmopt_generation.json``, slmopt's own description: cache layout and dtype, KV bytes per token, each
+  slot's original block, head counts and sliding window, the model's own special tokens, tokenizer, and
+  the input/output names.
+
+:class:`OnnxDecoder` runs the result step by step.
 
 Example:
     >>> # artifacts, meta = lower_generation(program, Path("out"), opset=18)
-    >>> # artifacts == {"decoder": "decoder.onnx", "genai_config": "genai_config.json"}
+    >>> # artifacts["genai_config"], artifacts["generation_meta"]
+    >>> # ('genai_config.json', 'slmopt_generation.json')
     >>> # decoder = OnnxDecoder(Path("out")); logits, present = decoder(ids, decoder.empty_past(1))
 """
 
@@ -28,7 +40,15 @@ import torch
 from slmopt.backends.onnxrt.export import export_onnx
 from slmopt.backends.onnxrt.session import make_session
 from slmopt.errors import UserError
-from slmopt.generation.kv_cache import CacheLayout, CacheSlot, add_kv_cache, empty_past
+from slmopt.generation.generate import special_tokens
+from slmopt.generation.kv_cache import (
+    CacheLayout,
+    CacheSlot,
+    add_kv_cache,
+    check_ids,
+    empty_past,
+    run_in_steps,
+)
 
 if TYPE_CHECKING:
     from slmopt.program import Program
@@ -36,8 +56,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DECODER_FILE",
     "GENAI_CONFIG",
+    "GENERATION_META",
     "OnnxDecoder",
     "genai_config",
+    "generation_meta",
     "lower_generation",
     "maybe_lower_generation",
     "read_genai_config",
@@ -47,7 +69,9 @@ log = logging.getLogger(__name__)
 
 DECODER_FILE = "decoder.onnx"
 GENAI_CONFIG = "genai_config.json"
-TOKENIZER_DIR = "tokenizer"
+GENERATION_META = "slmopt_generation.json"
+# onnxruntime-genai's generic decoder-only model; family names select other input layouts (gpt2: "past_%d").
+GENAI_MODEL_TYPE = "decoder"
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -59,27 +83,36 @@ _TOKENIZER_FILES = (
 CHECK_TOLERANCE = 1e-4  # relative to max(1, max |logits|): ORT and torch differ by float rounding only
 
 
-def _special(config: dict[str, Any], key: str) -> int | list[int] | None:
-    value = config.get(key)
-    return value if isinstance(value, (int, list)) else None
+def _genai_special(specials: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Numeric BOS/EOS/PAD for genai (it rejects null); returns them and which ones are placeholders.
+
+    A missing PAD takes the EOS id (HF ``generate``'s convention), a missing BOS the PAD/EOS id; with no id
+    at all, token 0 stands in: the client then stops if the model emits token 0, ``slmopt generate`` does not.
+    """
+    eos = specials["eos_token_id"]
+    first_eos = eos[0] if isinstance(eos, list) else eos
+    pad = specials["pad_token_id"] if specials["pad_token_id"] is not None else first_eos
+    bos = specials["bos_token_id"] if specials["bos_token_id"] is not None else pad
+    values = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
+    placeholders = {k: 0 for k, v in values.items() if v is None}
+    return values | placeholders, placeholders
 
 
-def genai_config(info: Any, layout: CacheLayout, tokenizer: str | None) -> dict[str, Any]:
-    """The ``genai_config.json`` content for a decoder with this cache layout.
+def genai_config(info: Any, layout: CacheLayout) -> dict[str, Any]:
+    """The ``genai_config.json`` content for a decoder with this cache layout (onnxruntime-genai schema).
 
     Example:
-        >>> # genai_config(program.info, layout, "tokenizer")["model"]["decoder"]["num_key_value_heads"]
+        >>> # genai_config(program.info, layout)["model"]["decoder"]["num_key_value_heads"]
     """
     config = info.config or {}
     first = layout.slots[0]
+    special, _ = _genai_special(special_tokens(info))
     return {
         "model": {
-            "type": config.get("model_type", "unknown"),
+            "type": GENAI_MODEL_TYPE,
             "context_length": info.max_seq_len,
             "vocab_size": info.vocab_size,
-            "bos_token_id": _special(config, "bos_token_id"),
-            "eos_token_id": _special(config, "eos_token_id"),
-            "pad_token_id": _special(config, "pad_token_id"),
+            **special,
             "decoder": {
                 "filename": DECODER_FILE,
                 "num_hidden_layers": len(layout.slots),
@@ -100,39 +133,64 @@ def genai_config(info: Any, layout: CacheLayout, tokenizer: str | None) -> dict[
             },
         },
         "search": {"max_length": info.max_seq_len, "do_sample": False},
-        "slmopt": {
-            "cache_layout": layout.layout,
-            "dtype": layout.dtype,
-            "kv_bytes_per_token": layout.kv_bytes_per_token(),
-            "num_blocks": layout.num_blocks,
-            "slots": [
-                {
-                    "index": s.index,
-                    "block": s.block,
-                    "num_heads": s.num_heads,
-                    "num_kv_heads": s.num_kv_heads,
-                    "head_dim": s.head_dim,
-                }
-                for s in layout.slots
-            ],
-            "tokenizer": tokenizer,
-            "byte_level": bool(info.byte_level),
-            "input_names": layout.input_names(),
-            "output_names": layout.output_names(),
-        },
     }
 
 
-def read_genai_config(folder: str | Path) -> tuple[dict[str, Any], CacheLayout]:
-    """Reads ``genai_config.json`` of an engine folder back into its dict and :class:`CacheLayout`."""
-    path = Path(folder) / GENAI_CONFIG
+def generation_meta(info: Any, layout: CacheLayout, tokenizer: bool) -> dict[str, Any]:
+    """slmopt's own ``slmopt_generation.json``: what the GenAI schema has no keys for.
+
+    Example:
+        >>> # generation_meta(program.info, layout, tokenizer=True)["slots"][0]["window"]
+    """
+    specials = special_tokens(info)
+    return {
+        "model_type": (info.config or {}).get("model_type"),
+        "cache_layout": layout.layout,
+        "dtype": layout.dtype,
+        "kv_bytes_per_token": layout.kv_bytes_per_token(),
+        "num_blocks": layout.num_blocks,
+        "slots": [
+            {
+                "index": s.index,
+                "block": s.block,
+                "num_heads": s.num_heads,
+                "num_kv_heads": s.num_kv_heads,
+                "head_dim": s.head_dim,
+                "window": s.window,
+            }
+            for s in layout.slots
+        ],
+        "special_tokens": specials,
+        "genai_placeholders": _genai_special(specials)[1],
+        "tokenizer": tokenizer,
+        "byte_level": bool(info.byte_level),
+        "input_names": layout.input_names(),
+        "output_names": layout.output_names(),
+    }
+
+
+def read_genai_config(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any], CacheLayout]:
+    """Reads an engine folder's ``genai_config.json`` and ``slmopt_generation.json``; returns both and the
+    :class:`CacheLayout`.
+
+    Raises:
+        UserError: the folder is not a generation engine, or was written by an older slmopt.
+    """
+    folder = Path(folder)
+    path = folder / GENAI_CONFIG
     if not path.is_file():
         raise UserError(
             f"{folder} has no {GENAI_CONFIG}: it is not a generation engine (only causal LMs lowered with "
             "the onnxruntime backend and generation enabled have one)"
         )
     config = json.loads(path.read_text())
-    ours = config["slmopt"]
+    meta_path = folder / GENERATION_META
+    if not meta_path.is_file():
+        raise UserError(
+            f"{folder} has {GENAI_CONFIG} but no {GENERATION_META} (written by an older slmopt?); "
+            "compile the model again"
+        )
+    ours = json.loads(meta_path.read_text())
     layout = CacheLayout(
         slots=[CacheSlot(node="", **s) for s in ours["slots"]],
         dtype=ours["dtype"],
@@ -141,19 +199,16 @@ def read_genai_config(folder: str | Path) -> tuple[dict[str, Any], CacheLayout]:
         num_blocks=ours.get("num_blocks", 0),
         layout=ours["cache_layout"],
     )
-    return config, layout
+    return config, ours, layout
 
 
-def _copy_tokenizer(info: Any, out_dir: Path) -> str | None:
-    """Copies the model's tokenizer files into ``out_dir/tokenizer``; returns that folder's name or None."""
+def _copy_tokenizer(info: Any, out_dir: Path) -> list[str]:
+    """Copies the model's tokenizer files next to ``genai_config.json``; returns their names."""
     src = Path(info.tokenizer_dir) if info.tokenizer_dir else None
     files = [src / name for name in _TOKENIZER_FILES if src is not None and (src / name).is_file()]
-    if not files:
-        return None
-    (out_dir / TOKENIZER_DIR).mkdir(exist_ok=True)
     for f in files:
-        shutil.copy2(f, out_dir / TOKENIZER_DIR / f.name)
-    return TOKENIZER_DIR
+        shutil.copy2(f, out_dir / f.name)
+    return [f.name for f in files]
 
 
 class OnnxDecoder:
@@ -167,7 +222,7 @@ class OnnxDecoder:
 
     def __init__(self, folder: str | Path, threads: int | None = None, allow_spinning: bool = True) -> None:
         self.folder = Path(folder)
-        self.config, self.layout = read_genai_config(self.folder)
+        self.config, self.meta, self.layout = read_genai_config(self.folder)
         path = self.folder / self.config["model"]["decoder"]["filename"]
         if not path.is_file():
             raise UserError(f"{self.folder} has {GENAI_CONFIG} but no {path.name}")
@@ -191,15 +246,12 @@ class OnnxDecoder:
         return f"onnxruntime decoder ({len(self.layout.slots)} cache slots)"
 
 
-def _check_decoder(program: Program, folder: Path) -> float:
-    """ORT prefill of S−1 tokens then one decode step vs the Program's full forward on S tokens."""
-    ids = program.example_inputs[0]
-    seq = int(ids.shape[1])
+def _check_decoder(program: Program, folder: Path, layout: CacheLayout) -> float:
+    """ORT prefill, chunk and decode vs the Program's full forward, on ids longer than any window."""
+    ids = check_ids(program, layout)
     expected = program(ids).float()
     decoder = OnnxDecoder(folder)
-    prefill, present = decoder(ids[:, : seq - 1], decoder.empty_past(int(ids.shape[0])))
-    step, _ = decoder(ids[:, seq - 1 :], present)
-    got = torch.cat([prefill, step], dim=1).float()
+    got = run_in_steps(decoder, ids, decoder.empty_past(int(ids.shape[0])))
     diff = float((got - expected).abs().max())
     limit = CHECK_TOLERANCE * max(1.0, float(expected.abs().max()))
     if not diff <= limit:
@@ -218,7 +270,8 @@ def lower_generation(
     external_data: bool | None = None,
     hints: dict[str, Any] | None = None,
 ) -> tuple[dict[str, str], dict[str, Any]]:
-    """Writes ``decoder.onnx`` (+ data), ``genai_config.json`` and ``tokenizer/`` into ``out_dir``.
+    """Writes ``decoder.onnx`` (+ data), ``genai_config.json``, ``slmopt_generation.json`` and the
+    tokenizer files into ``out_dir``.
 
     Returns:
         ``(artifacts, metadata)``: artifact names → file names, and the cache layout, export facts and the
@@ -238,15 +291,22 @@ def lower_generation(
         hints=hints,
         output_names=layout.output_names(),
     )
-    artifacts = {"decoder": DECODER_FILE, "genai_config": GENAI_CONFIG}
+    artifacts = {"decoder": DECODER_FILE, "genai_config": GENAI_CONFIG, "generation_meta": GENERATION_META}
     if export["external_data"]:
         artifacts["decoder_data"] = DECODER_FILE + ".data"
     tokenizer = _copy_tokenizer(program.info, Path(out_dir))
-    config = genai_config(program.info, layout, tokenizer)
-    (Path(out_dir) / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    if tokenizer:
-        artifacts["tokenizer"] = tokenizer
-    diff = _check_decoder(program, Path(out_dir))
+    (Path(out_dir) / GENAI_CONFIG).write_text(json.dumps(genai_config(program.info, layout), indent=2) + "\n")
+    meta = generation_meta(program.info, layout, tokenizer=bool(tokenizer))
+    (Path(out_dir) / GENERATION_META).write_text(json.dumps(meta, indent=2) + "\n")
+    if meta["genai_placeholders"]:
+        log.warning(
+            "the model defines no %s; %s names token 0 instead because onnxruntime-genai requires a number "
+            "(that client stops if the model emits it; slmopt generate does not)",
+            "/".join(k.removesuffix("_token_id").upper() for k in meta["genai_placeholders"]),
+            GENAI_CONFIG,
+        )
+    artifacts.update({name.replace(".", "_"): name for name in tokenizer})  # tokenizer_json: ...
+    diff = _check_decoder(program, Path(out_dir), layout)
     metadata = {
         "cache": layout.to_dict(),
         "prefill_decode_max_abs_diff": diff,

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from slmopt.generation.kv_cache import add_kv_cache, empty_past
 from slmopt.loaders import load_program
 from slmopt.lowering import folder_backend
 
-__all__ = ["Generator", "Sampling", "TorchDecoder", "filter_logits", "sample_next"]
+__all__ = ["Generator", "Sampling", "TorchDecoder", "filter_logits", "sample_next", "special_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +148,17 @@ class Generator:
     # ------------------------------------------------------------------------------ construction
     @classmethod
     def from_engine(cls, folder: str | Path, threads: int | None = None) -> Generator:
-        """Opens the KV-cache decoder (+ ``tokenizer/``) of an slmopt output folder through its backend."""
+        """Opens the KV-cache decoder of an slmopt output folder through its backend (onnxruntime:
+        ``decoder.onnx``, ``genai_config.json``, ``slmopt_generation.json`` and the tokenizer files). EOS
+        is the model's own (none: run to ``max_new_tokens``), not a placeholder ``genai_config.json`` may
+        carry for onnxruntime-genai."""
         decoder = folder_backend(folder).load_decoder(Path(folder), threads=threads)
-        model, ours = decoder.config["model"], decoder.config["slmopt"]
+        ours = decoder.meta
         tokenizer: Any = "bytes" if ours.get("byte_level") else None
         if ours.get("tokenizer"):
-            tokenizer = _load_tokenizer(Path(folder) / ours["tokenizer"])
-        return cls(decoder, tokenizer, model.get("eos_token_id"), model.get("context_length"))
+            tokenizer = _load_tokenizer(Path(folder))
+        eos = ours["special_tokens"]["eos_token_id"]
+        return cls(decoder, tokenizer, eos, decoder.config["model"].get("context_length"))
 
     @classmethod
     def from_model(cls, model: Any) -> Generator:
@@ -164,9 +169,8 @@ class Generator:
         tokenizer: Any = "bytes" if info.byte_level else None
         if info.tokenizer_dir:
             tokenizer = _load_tokenizer(Path(info.tokenizer_dir))
-        eos = (info.config or {}).get("eos_token_id")
-        return cls(TorchDecoder(cached, layout), tokenizer, eos if isinstance(eos, (int, list)) else None,
-                   info.max_seq_len)  # fmt: skip
+        eos = special_tokens(info)["eos_token_id"]
+        return cls(TorchDecoder(cached, layout), tokenizer, eos, info.max_seq_len)
 
     # ------------------------------------------------------------------------------ text
     def encode(self, text: str) -> list[int]:
@@ -258,6 +262,48 @@ class Generator:
         text = self.decode(ids)
         if len(text) > len(printed):
             yield text[len(printed) :]
+
+
+def _first_int(value: Any) -> int | None:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def special_tokens(info: Any) -> dict[str, int | list[int] | None]:
+    """The model's own BOS/EOS/PAD ids: from its config, else its ``generation_config.json``; None if neither.
+
+    An id outside the vocabulary counts as none (the model can never emit it; random-init configs often
+    keep a large default such as 50256 with a tiny vocabulary).
+
+    Example:
+        >>> from slmopt.program import ModelInfo
+        >>> special_tokens(ModelInfo("causal-lm", "m", config={"eos_token_id": [2, 7], "bos_token_id": 1}))
+        {'bos_token_id': 1, 'eos_token_id': [2, 7], 'pad_token_id': None}
+    """
+    config = dict(info.config or {})
+    source = Path(info.source) / "generation_config.json" if info.source else None
+    if source is not None and source.is_file():
+        try:
+            generation = json.loads(source.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            generation = {}
+        for key, value in generation.items():
+            if config.get(key) is None:
+                config[key] = value
+    vocab = info.vocab_size
+
+    def valid(value: Any) -> int | None:
+        token = _first_int(value)
+        return token if token is not None and token >= 0 and (vocab is None or token < vocab) else None
+
+    out: dict[str, int | list[int] | None] = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = config.get(key)
+        if isinstance(value, list):
+            value = [valid(v) for v in value if valid(v) is not None] or None
+        out[key] = value if isinstance(value, list) else valid(value)
+    return out
 
 
 def _load_tokenizer(folder: Path) -> Any:

@@ -42,6 +42,8 @@ from torch import fx
 
 from slmopt.analysis.analyze import analyze
 from slmopt.errors import UserError
+from slmopt.generation.check import DEFAULT_CHECK_TOLERANCE, check_cache_program, check_ids, run_in_steps
+from slmopt.generation.window import attention_windows, probe_length
 from slmopt.program import Program
 
 __all__ = [
@@ -50,7 +52,9 @@ __all__ = [
     "add_kv_cache",
     "attend_with_cache",
     "check_cache_program",
+    "check_ids",
     "empty_past",
+    "run_in_steps",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,7 +69,6 @@ _UNSQUEEZES = {torch.ops.aten.unsqueeze.default}
 # Dtype assertions keep dead mask code alive (they count as side effects); they only restate export facts.
 _ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-DEFAULT_CHECK_TOLERANCE = 1e-4
 
 
 def attend_with_cache(
@@ -75,11 +78,14 @@ def attend_with_cache(
     past_k: torch.Tensor,
     past_v: torch.Tensor,
     scale: float | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal attention of ``S`` new queries over ``P`` cached + ``S`` new keys; returns ``(out, k', v')``.
 
     ``q`` is ``[B, H, S, D]``; ``k, v`` are ``[B, Hkv, S, D]``; ``past_k, past_v`` ``[B, Hkv, P, D]``. Key
-    heads are repeated ``H // Hkv`` times in HF's order (head ``h`` reads KV head ``h // n_rep``).
+    heads are repeated ``H // Hkv`` times in HF's order (head ``h`` reads KV head ``h // n_rep``). With a
+    sliding ``window``, the query at position ``p`` sees only keys ``p - window + 1 .. p`` (HF's
+    ``sliding_window`` convention); the cache still keeps every key, the mask does the limiting.
 
     Example:
         >>> q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
@@ -100,6 +106,8 @@ def attend_with_cache(
     query_pos = torch.arange(s, device=q.device) + p
     key_pos = torch.arange(t, device=q.device)
     mask = key_pos[None, :] <= query_pos[:, None]
+    if window is not None:
+        mask = mask & (key_pos[None, :] > query_pos[:, None] - window)
     out = F.scaled_dot_product_attention(q, rep_k, rep_v, attn_mask=mask, scale=scale)
     return out, keys, values
 
@@ -114,6 +122,7 @@ class CacheSlot:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    window: int | None = None  # sliding-window length (keys a query sees, itself included); None: all
 
 
 @dataclass
@@ -269,6 +278,9 @@ def add_kv_cache(
         why = "hand-written softmax(QK^T)V attention is not supported" if softmax else "no attention remains"
         raise UserError(f"cannot add a KV cache to {family}: {why} (need scaled_dot_product_attention)")
     slots = _slots(program, sdpas)
+    probe = probe_length(program.info.config, program.info.max_seq_len)
+    for slot, window in zip(slots, attention_windows(gm, sdpas, probe), strict=True):
+        slot.window = window
 
     # Plain calling convention: positional tensors in, a flat tuple out (no pytree specs, no export guards).
     for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
@@ -300,7 +312,7 @@ def add_kv_cache(
             call = graph.call_function(
                 attend_with_cache,
                 (q, _kv_source(k), _kv_source(v), pasts[2 * slot.index], pasts[2 * slot.index + 1]),
-                {"scale": extra.get("scale")},
+                {"scale": extra.get("scale"), "window": slot.window},
             )
             out, pk, pv = (graph.call_function(operator.getitem, (call, j)) for j in range(3))
         node.replace_all_uses_with(out)
@@ -355,35 +367,3 @@ def _param_dtype(gm: fx.GraphModule) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
-
-
-def check_cache_program(
-    original: Program, cached: Program, layout: CacheLayout, tolerance: float = DEFAULT_CHECK_TOLERANCE
-) -> float:
-    """Prefill S tokens (P = 0), decode 1 more, compare with the full forward on S+1; returns max |diff|.
-
-    Raises:
-        UserError: naming the model family, when the cache graph disagrees with the original.
-    """
-    family = layout.extra.get("model_type", original.info.source)
-    ids = original.example_inputs[0]
-    batch, seq = int(ids.shape[0]), int(ids.shape[1])
-    if seq < 2:
-        ids = torch.cat([ids, ids], dim=1)
-        seq = ids.shape[1]
-    with torch.no_grad():
-        full = original(ids).float()
-        prefill, *present = cached.graph_module(ids[:, : seq - 1], *empty_past(layout, batch))
-        step, *_ = cached.graph_module(ids[:, seq - 1 :], *present)
-    got = torch.cat([prefill, step], dim=1).float()
-    if got.shape != full.shape:
-        raise UserError(f"KV-cache graph of {family}: logits shape {tuple(got.shape)} != {tuple(full.shape)}")
-    diff = float((got - full).abs().max())
-    limit = tolerance * max(1.0, float(full.abs().max()))
-    if not diff <= limit:
-        raise UserError(
-            f"KV-cache transform is not supported for this {family} model: prefill+decode differs from the "
-            f"full forward by {diff:.3g} (> {limit:.3g}); its positions or masking follow a pattern slmopt "
-            "does not recognise"
-        )
-    return diff

@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 
-from slmopt.backends.onnxrt.generation import DECODER_FILE, GENAI_CONFIG, lower_generation
+from slmopt.backends.onnxrt.generation import DECODER_FILE, GENAI_CONFIG, GENERATION_META, lower_generation
 from slmopt.errors import UserError
 from slmopt.generation.generate import Generator, TorchDecoder
 from slmopt.generation.kv_cache import add_kv_cache, attend_with_cache, empty_past
@@ -180,7 +180,8 @@ def test_onnx_greedy_equals_hf_full_recompute(name: str, engines) -> None:
     config = json.loads((folder / GENAI_CONFIG).read_text())
     kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
     assert config["model"]["decoder"]["num_key_value_heads"] == kv_heads
-    assert [s["block"] for s in config["slmopt"]["slots"]] == list(range(n))
+    meta = json.loads((folder / GENERATION_META).read_text())
+    assert [s["block"] for s in meta["slots"]] == list(range(n))
 
 
 def _transformed(spec: str) -> Program:
@@ -199,8 +200,8 @@ def test_pruned_attention_has_no_cache_slot_and_fewer_kv_bytes(engines) -> None:
     folder = engines("tinylm-pruned", pruned)
     proto = onnx.load(str(folder / DECODER_FILE), load_external_data=False)
     assert sum(i.name.startswith("past_key_values.") for i in proto.graph.input) == 4
-    config = json.loads((folder / GENAI_CONFIG).read_text())
-    assert config["slmopt"]["kv_bytes_per_token"] * 2 == full_layout.kv_bytes_per_token()
+    meta = json.loads((folder / GENERATION_META).read_text())
+    assert meta["kv_bytes_per_token"] * 2 == full_layout.kv_bytes_per_token()
     prompt = _prompt(256, batch=2)
     expected = _program_greedy(pruned, prompt, NEW_TOKENS)
     assert torch.equal(
