@@ -194,7 +194,7 @@ def _shape(node: Any) -> tuple[Any, ...] | None:
 
 
 def _slots(program: Program, sdpas: list[fx.Node]) -> list[CacheSlot]:
-    """Cache slots for the SDPA nodes, with block indices and head counts from analysis when it has them."""
+    """Cache slots for the SDPA nodes: head counts from shapes (else analysis), original block indices."""
     by_node = {}
     try:
         for block in analyze(program).blocks:
@@ -213,8 +213,25 @@ def _slots(program: Program, sdpas: list[fx.Node]) -> list[CacheSlot]:
             heads, kv_heads, dim = att.num_heads, att.num_kv_heads, att.head_dim
         else:
             heads, kv_heads, dim = int(q_shape[1]), int(k_shape[1]), int(k_shape[3])
-        slots.append(CacheSlot(i, block.index if block else None, node.name, heads, kv_heads, dim))
+        index = _module_block(node)
+        if index is None and block is not None:
+            index = block.index
+        slots.append(CacheSlot(i, index, node.name, heads, kv_heads, dim))
     return slots
+
+
+def _module_block(node: fx.Node) -> int | None:
+    """The layer number in the module path export recorded for ``node`` (``model.layers.2.self_attn``: 2).
+
+    Preferred over analysis' block index: after passes have removed sublayers or replaced FFNs, analysis
+    may find fewer blocks and number them consecutively, while the module path keeps the original layer.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        numbers = [int(part) for part in str(path).split(".") if part.isdigit()]
+        if len(numbers) == 1:
+            return numbers[0]
+    return None
 
 
 def _seq_sizes(graph: fx.Graph, ids: fx.Node) -> set[fx.Node]:
