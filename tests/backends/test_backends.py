@@ -105,7 +105,12 @@ def test_onnxruntime_backend_zoo(name: str, tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
     assert result.backend == "onnxruntime"
     # Causal LMs with SDPA attention also get the KV-cache decoder (slmopt.backends.onnxrt.generation).
-    decoder = {"decoder": "decoder.onnx", "genai_config": "genai_config.json"} if name in CACHED else {}
+    generation = {
+        "decoder": "decoder.onnx",
+        "genai_config": "genai_config.json",
+        "generation_meta": "slmopt_generation.json",
+    }
+    decoder = generation if name in CACHED else {}
     assert result.artifacts == {"onnx": "model.onnx", **decoder}
     assert not (tmp_path / "model.onnx.data").exists()
 

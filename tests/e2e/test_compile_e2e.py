@@ -72,7 +72,7 @@ def test_compile_hf_folders(tmp_path, capsys, ids_file, name):
     assert _nm_ok_along_reduction(onnx.load(out / "model.onnx")) >= 1
     # Causal LMs also get the KV-cache decoder for `slmopt generate` (slmopt.backends.onnxrt.generation).
     files = {"model.onnx", "report.json", "report.md", "slmopt.json"}
-    files |= {"decoder.onnx", "genai_config.json"} if name != "bert" else set()
+    files |= {"decoder.onnx", "genai_config.json", "slmopt_generation.json"} if name != "bert" else set()
     assert {p.name for p in out.iterdir()} == files
 
 
