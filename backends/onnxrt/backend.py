@@ -156,8 +156,8 @@ class OnnxRuntimeBackend(Backend):
                 not need it, as it checks parity on the loaded engine at two shapes itself),
                 ``generation`` (bool; default: on for causal LMs, skipped with a warning when the model
                 cannot get a KV cache; ``true`` makes that an error): also write ``decoder.onnx`` with an
-                explicit KV cache, ``genai_config.json`` and ``tokenizer/`` (see
-                :mod:`slmopt.backends.onnxrt.generation`).
+                explicit KV cache, ``genai_config.json`` (onnxruntime-genai), ``slmopt_generation.json``
+                and the tokenizer files (see :mod:`slmopt.backends.onnxrt.generation`).
 
         Returns:
             ``artifacts`` ``{"onnx": "model.onnx"}`` (+ ``"onnx_data"``) and the export metadata.
