@@ -1,16 +1,24 @@
 """slmopt: make trained language models small and fast to deploy.
 
-Importing ``slmopt`` is light: torch.export, ONNX and the passes load on first use.
+Importing ``slmopt`` is light: it defines slmopt's custom torch ops (``torch.ops.slmopt.fff``, so a
+compiled ``program.pt2`` loads with plain ``torch.export.load`` after ``import slmopt``) and nothing else;
+ONNX, ONNX Runtime, transformers and the passes load on first use. Defining the op compiles nothing.
 
 Example:
-    >>> import slmopt
+    >>> import slmopt, torch
+    >>> hasattr(torch.ops.slmopt, "fff")
+    True
     >>> # result = slmopt.compile("model_dir", passes="mask-2to4{method=sparsegpt}", calib="calib.txt",
     >>> #                         backend="onnxruntime", output_dir="out/")
+    >>> # torch.export.load("out/program.pt2").module()(ids)
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+# A saved program's calls to slmopt::fff resolve only if the op is defined when it is loaded.
+from slmopt import ops as _ops  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["CompileOptions", "CompileResult", "PassError", "UserError", "compile", "parse_pipeline"]
