@@ -51,7 +51,7 @@ class CompileOptions:
     force: bool = False
     calib: str | None = None
     eval: str | None = None
-    seq_len: int = 256
+    seq_len: int | None = None  # None: text in windows of 256 tokens, 2-D token-id rows as given
     num_samples: int = 64
     eval_samples: int = 64
     seed: int = 0
@@ -70,7 +70,7 @@ class CompileOptions:
     distributed: bool | None = None  # None: join torch.distributed when torchrun set WORLD_SIZE > 1
 
     def __post_init__(self) -> None:
-        if self.seq_len < 2:
+        if self.seq_len is not None and self.seq_len < 2:
             raise UserError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.num_samples < 1 or self.eval_samples < 1:
             raise UserError("num_samples and eval_samples must be >= 1")
@@ -155,12 +155,15 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
         torch.set_num_threads(options.threads)
 
     distributed.join(options.distributed)  # torchrun's process group, if asked for or launched so
-    program, loaded = load_program(model)
-    reloadable = isinstance(model, (str, Path))  # the bench can load the original again from its source
+    program, loaded = load_program(model, calib=options.calib)
+    # The bench can load the original again from its source (not when its inputs came from --calib).
+    reloadable = isinstance(model, (str, Path)) and not loaded.example_from_calib
     # The Program now holds the weights (sharing the loader's tensors): drop the eager module, or every
     # weight a pass replaces would stay alive through it — a second copy of the model during the passes.
     loaded.module = None
     data = load_model_data(loaded.info, options)
+    if loaded.example_from_calib:
+        data.notes["example inputs"] = "the first 2 calibration samples (the model came without inputs)"
     with staging_folder(out if distributed.is_main() else None) as staging:  # only rank 0 writes
         ctx = PassContext(
             calib=data.calib,
@@ -197,6 +200,7 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             passes=[r.to_dict() for r in pass_reports],
             params_before=params_before,
             params_after=transformed.num_params(),
+            data=dict(data.notes),
         )
         artifacts: dict[str, Path] = {}
         if not _reads_original_after_passes(options, reloadable):

@@ -341,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--calib", help="calibration data: text file, or token ids / inputs as .npy/.pt")
     p.add_argument("--eval", help="held-out text (or .npy/.pt ids) to report quality before/after")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration/eval window (256)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per calibration/eval window (default: 256 for text and 1-D id streams; "
+                   "rows of a 2-D .npy/.pt id array are used as given)")  # fmt: skip
     p.add_argument("--num-samples", type=int, default=64, help="calibration windows (64)")
     p.add_argument("--eval-samples", type=int, default=64, help="max eval windows (64)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and every random choice (0)")
@@ -362,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out perplexity / bits per byte of an engine or a model")
     p.add_argument("target", help="an slmopt output folder, or a model")
     p.add_argument("--data", required=True, help="held-out text (or .npy/.pt token ids)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (256)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per window (default: 256; rows of a 2-D id array as given)")  # fmt: skip
     p.add_argument("--samples", type=int, default=64, help="max windows (64)")
     _add_common(p)
     p.set_defaults(func=cmd_eval)

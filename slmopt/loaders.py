@@ -71,6 +71,7 @@ class LoadedModel:
     example_inputs: tuple[torch.Tensor, ...]
     info: ModelInfo
     files: list[Path] = field(default_factory=list)  # input files read (for "never modified" checks)
+    example_from_calib: bool = False  # example inputs are calibration samples (the source gave none)
 
 
 def model_files(path: str | Path) -> list[Path]:
@@ -241,7 +242,7 @@ def _load_pt2(path: Path) -> LoadedModel:
 
 
 # ------------------------------------------------------------------------------------ module:factory
-def _load_factory(spec: str) -> LoadedModel:
+def _load_factory(spec: str, calib: str | Path | None = None) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UserError(f"bad factory {spec!r}: expected package.module:function")
@@ -256,11 +257,55 @@ def _load_factory(spec: str) -> LoadedModel:
     if not callable(factory):
         raise UserError(f"{module_name} has no callable {attr!r}")
     made = factory()
-    return from_module(*made if isinstance(made, tuple) else (made,), source=spec)
+    module, *rest = made if isinstance(made, tuple) else (made,)
+    return from_module(module, *rest[:1], source=spec, calib=calib)
 
 
-def from_module(module: nn.Module, example_inputs: Any = None, source: str = "<module>") -> LoadedModel:
-    """Wraps a Python module (a Hugging Face model, or any module plus example inputs)."""
+def _inputs_from_calib(calib: str | Path, source: str) -> tuple[torch.Tensor]:
+    """Example inputs for a module without them: the first two samples of its calibration array."""
+    from slmopt.data.windows import load_tensor_inputs
+
+    try:
+        x = load_tensor_inputs(calib, num_samples=2)
+    except ValueError as err:
+        raise UserError(f"{source}: example inputs from the calibration data: {err}") from None
+    # Export specialises dims of size 1; two samples keep the leading axis dynamic.
+    x = torch.cat([x, x]) if x.shape[0] < 2 else x
+    log.info("%s: example inputs of shape %s taken from %s", source, list(x.shape), Path(calib).name)
+    return (x,)
+
+
+def _module_dims(x: torch.Tensor) -> dict[int, str]:
+    """Dynamic axes of a module input that fit its rank.
+
+    Token ids ``[batch, seq]`` and activations ``[batch, seq, hidden, ...]`` vary in their first two axes;
+    a 2-D float input is ``[tokens, hidden]`` (or ``[batch, features]``), whose last axis is fixed by the
+    weights, so only the leading axis varies (named "tokens": its bound is the sequence bound, not the batch
+    bound); a 1-D input varies in its only axis.
+    """
+    if x.dim() >= 3 or (x.dim() == 2 and not x.is_floating_point()):
+        return {0: "batch", 1: "seq"}
+    if x.dim() == 2:
+        return {0: "tokens"}
+    return {0: "batch"} if x.dim() == 1 else {}
+
+
+def from_module(
+    module: nn.Module, example_inputs: Any = None, source: str = "<module>", calib: str | Path | None = None
+) -> LoadedModel:
+    """Wraps a Python module (a Hugging Face model, or any module plus example inputs).
+
+    Args:
+        module: the model.
+        example_inputs: a tensor or tuple of tensors; None for a Hugging Face model (token ids are made
+            up) or when ``calib`` is given (its first two samples are used).
+        source: where the module came from, for messages and reports.
+        calib: a ``.npy``/``.pt`` file of the module's inputs (``[samples, ...]``), used when
+            ``example_inputs`` is None.
+
+    Example:
+        >>> # from_module(ffn_block, calib="ffn_inputs.npy").example_inputs[0].shape  -> [2, hidden]
+    """
     if not isinstance(module, nn.Module):
         raise UserError(f"{source}: expected a torch.nn.Module, got {type(module).__name__}")
     config = getattr(module, "config", None)
@@ -275,27 +320,38 @@ def from_module(module: nn.Module, example_inputs: Any = None, source: str = "<m
         )
         wrapper = LogitsOnly(module) if causal else HiddenOnly(module)
         return LoadedModel(wrapper, _token_inputs(info.vocab_size), info)
+    from_calib = example_inputs is None and calib is not None and Path(calib).suffix in (".npy", ".pt")
+    if from_calib:
+        example_inputs = _inputs_from_calib(calib, source)
     if example_inputs is None:
-        raise UserError(f"{source}: give example inputs for a module that is not a Hugging Face model")
+        raise UserError(
+            f"{source}: give example inputs for a module that is not a Hugging Face model (return "
+            "(module, inputs) from the factory, or pass --calib with a .npy/.pt file of its inputs)"
+        )
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     token_model = len(inputs) == 1 and not inputs[0].is_floating_point()
     info = ModelInfo(
         kind="causal-lm" if token_model else "module",
         source=source,
         input_names=["input_ids"] if token_model else [f"input_{i}" for i in range(len(inputs))],
-        dynamic_dims=[{0: "batch", 1: "seq"} if x.dim() >= 2 else {0: "batch"} for x in inputs],
+        dynamic_dims=[_module_dims(x) for x in inputs],
     )
-    return LoadedModel(module, inputs, info)
+    return LoadedModel(module, inputs, info, example_from_calib=from_calib)
 
 
-def load_model(spec: str | Path | nn.Module, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    spec: str | Path | nn.Module, dtype: torch.dtype = torch.float32, calib: str | Path | None = None
+) -> LoadedModel:
     """Loads a model from a Hugging Face folder, a ``.pt2`` file, ``module:factory`` or a module.
+
+    ``calib`` (a ``.npy``/``.pt`` of the model's inputs) supplies example inputs to a factory or module
+    that has none.
 
     Raises:
         UserError: the path is missing, is not a model, or its files are corrupt.
     """
     if isinstance(spec, nn.Module):
-        return from_module(spec)
+        return from_module(spec, calib=calib)
     text = str(spec)
     path = Path(text).expanduser()
     if path.exists():
@@ -305,18 +361,30 @@ def load_model(spec: str | Path | nn.Module, dtype: torch.dtype = torch.float32)
             return _load_pt2(path)
         raise UserError(f"{path}: unsupported model file (expected a folder, a .pt2 file or module:factory)")
     if ":" in text and not text.startswith(("/", ".")) and "/" not in text.split(":")[0]:
-        return _load_factory(text)
+        return _load_factory(text, calib)
     raise UserError(f"model path {text} does not exist")
 
 
-def load_program(spec: str | Path | nn.Module) -> tuple[Program, LoadedModel]:
-    """Loads and captures a model in one step (used by compile, inspect, eval and bench)."""
-    loaded = load_model(spec)
+def load_program(
+    spec: str | Path | nn.Module, calib: str | Path | None = None
+) -> tuple[Program, LoadedModel]:
+    """Loads and captures a model in one step (used by compile, inspect, eval and bench).
+
+    ``calib``: see :func:`load_model`.
+    """
+    loaded = load_model(spec, calib=calib)
     try:
         # A module loaded from a path is private to this call: the Program may share its storage.
         private = not isinstance(spec, nn.Module)
         program = capture(loaded.module, loaded.example_inputs, loaded.info, copy_params=not private)
     except Exception as err:  # noqa: BLE001 - export failures have long messages; keep the first line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if loaded.info.kind == "module" and "Constraints violated" in str(err):
+            shapes = ", ".join(str(list(x.shape)) for x in loaded.example_inputs)
+            raise UserError(
+                f"cannot capture {loaded.info.source}: example input(s) {shapes} with dynamic axes "
+                f"{loaded.info.dynamic_dims}, but the model fixes one of them ({first}); slmopt expects "
+                "[batch, seq, hidden, ...] (3-D or more), [tokens, hidden] (2-D) or [batch] (1-D) inputs"
+            ) from err
         raise UserError(f"cannot capture {loaded.info.source} with torch.export: {first}") from err
     return program, loaded

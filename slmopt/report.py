@@ -39,6 +39,7 @@ class CompileReport:
     backend: str
     model: dict[str, Any] = field(default_factory=dict)
     passes: list[dict[str, Any]] = field(default_factory=list)
+    data: dict[str, str] = field(default_factory=dict)  # how calibration/eval files became samples
     params_before: int = 0
     params_after: int = 0
     parity: dict[str, Any] = field(default_factory=dict)
@@ -72,6 +73,7 @@ class CompileReport:
             f"- parameters: {self.params_before:,} → {self.params_after:,}"
             + (f" ({self.params_after / self.params_before:.3f}×)" if self.params_before else ""),
             f"- total time: {self.seconds:.1f} s",
+            *[f"- {role} data: {note}" for role, note in self.data.items()],
             "",
             "## Passes",
             "",

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from slmopt.data.metrics import cross_entropy_nats, predicted_tokens, summarize_quality
-from slmopt.data.windows import DataSpec, EvalData, eval_windows, load_tensor_inputs, load_tokens
+from slmopt.data.samples import calibration_tokens, evaluation_data
+from slmopt.data.windows import EvalData, load_tensor_inputs
 from slmopt.errors import UserError
 from slmopt.program import ModelInfo, Program
 
@@ -39,6 +40,7 @@ class ModelData:
     calib: torch.Tensor | None = None
     eval: EvalData | None = None
     tokenizer: Any = None
+    notes: dict[str, str] = field(default_factory=dict)  # how each file became samples (for the report)
 
     def parity_inputs(self, program: Program) -> list[tuple[torch.Tensor, ...]]:
         """Two input sets of different shapes, to exercise the dynamic dims of an engine."""
@@ -74,25 +76,37 @@ def _token_kwargs(info: ModelInfo, tokenizer: Any) -> dict[str, Any]:
 
 
 def load_model_data(info: ModelInfo, options: Any) -> ModelData:
-    """Reads ``options.calib`` and ``options.eval`` for the model (tokenizer, byte level or arrays)."""
+    """Reads ``options.calib`` and ``options.eval`` for the model (tokenizer, byte level or arrays).
+
+    ``options.seq_len`` None (no ``--seq-len``): 2-D token-id arrays are used row by row as given, text
+    and 1-D id streams are cut into windows of 256 tokens (see :mod:`slmopt.data.samples`); ``notes``
+    says which happened.
+    """
     tokenizer = load_tokenizer(info)
     data = ModelData(info=info, tokenizer=tokenizer)
-    seq_len = min(options.seq_len, info.max_seq_len or options.seq_len)
+    context = info.max_seq_len
     try:
         if options.calib and info.kind == "module":
             data.calib = load_tensor_inputs(options.calib, num_samples=options.num_samples)
+            shape = "x".join(map(str, data.calib.shape[1:]))
+            data.notes["calibration"] = f"{data.calib.shape[0]} input samples of shape [{shape}]"
         elif options.calib:
-            spec = DataSpec(
-                options.calib, seq_len=seq_len, num_samples=options.num_samples, seed=options.seed
+            data.calib, data.notes["calibration"] = calibration_tokens(
+                options.calib,
+                seq_len=options.seq_len,
+                num_samples=options.num_samples,
+                seed=options.seed,
+                context=context,
+                **_token_kwargs(info, tokenizer),
             )
-            data.calib = load_tokens(spec, **_token_kwargs(info, tokenizer))
         if options.eval:
             if info.kind != "causal-lm":
                 raise UserError("--eval measures next-token quality and needs a causal language model")
-            data.eval = eval_windows(
+            data.eval, data.notes["evaluation"] = evaluation_data(
                 options.eval,
-                seq_len=seq_len,
+                seq_len=options.seq_len,
                 max_windows=options.eval_samples,
+                context=context,
                 **_token_kwargs(info, tokenizer),
             )
     except UserError:

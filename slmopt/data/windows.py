@@ -30,6 +30,7 @@ __all__ = [
     "load_tokens",
     "eval_windows",
     "load_tensor_inputs",
+    "token_array",
     "window_offsets",
 ]
 
@@ -159,6 +160,17 @@ def _load_array(path: Path) -> torch.Tensor:
 
 def _token_rows(path: Path, vocab_size: int | None) -> torch.Tensor:
     """Validated token ids from an array file as a 2-D ``LongTensor`` (a 1-D stream becomes one row)."""
+    return token_array(path, vocab_size)[0]
+
+
+def token_array(path: str | Path, vocab_size: int | None = None) -> tuple[torch.Tensor, int]:
+    """Validated token ids of a ``.npy``/``.pt`` file as ``[rows, tokens]``, and the file's own rank (1 or 2).
+
+    Example:
+        >>> # token_array("ids.npy")  -> (tensor of shape [8, 64], 2) for 8 rows of 64 ids
+    """
+    path = Path(path)
+    _check_file(path)
     ids = _load_array(path)
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise ValueError(f"token file {path} has dtype {ids.dtype}; expected integer token ids")
@@ -168,8 +180,9 @@ def _token_rows(path: Path, vocab_size: int | None) -> torch.Tensor:
         )
     if ids.numel() == 0:
         raise ValueError(f"token file {path} is empty (shape {tuple(ids.shape)})")
+    rank = ids.dim()
     ids = ids.to(torch.int64)
-    return _check_ids(ids.reshape(1, -1) if ids.dim() == 1 else ids, path, vocab_size)
+    return _check_ids(ids.reshape(1, -1) if rank == 1 else ids, path, vocab_size), rank
 
 
 def _check_ids(ids: torch.Tensor, path: Path, vocab_size: int | None) -> torch.Tensor:
