@@ -107,33 +107,48 @@ def genai_config(info: Any, layout: CacheLayout) -> dict[str, Any]:
     config = info.config or {}
     first = layout.slots[0]
     special, _ = _genai_special(special_tokens(info))
+    # The client rejects null; without a known context the cache's own bound (see add_kv_cache) stands in.
+    context = info.max_seq_len or 1 << 16
+    decoder = {
+        "filename": DECODER_FILE,
+        "num_hidden_layers": len(layout.slots),
+        "num_attention_heads": first.num_heads,
+        "num_key_value_heads": first.num_kv_heads,
+        "head_size": first.head_dim,
+        "hidden_size": config.get("hidden_size") or config.get("n_embd"),
+        "inputs": {
+            "input_ids": "input_ids",
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+    }
     return {
         "model": {
             "type": GENAI_MODEL_TYPE,
-            "context_length": info.max_seq_len,
+            "context_length": context,
             "vocab_size": info.vocab_size,
             **special,
-            "decoder": {
-                "filename": DECODER_FILE,
-                "num_hidden_layers": len(layout.slots),
-                "num_attention_heads": first.num_heads,
-                "num_key_value_heads": first.num_kv_heads,
-                "head_size": first.head_dim,
-                "hidden_size": config.get("hidden_size") or config.get("n_embd"),
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
-            },
+            "decoder": {k: v for k, v in decoder.items() if v is not None},
         },
-        "search": {"max_length": info.max_seq_len, "do_sample": False},
+        "search": {"max_length": context, "do_sample": False},
     }
+
+
+def genai_incompatibility(layout: CacheLayout) -> str | None:
+    """Why onnxruntime-genai cannot run this decoder, or None.
+
+    The client sizes every layer's cache from one ``num_key_value_heads``/``head_size``; a decoder whose
+    layers differ (elastic subnets slice heads per layer) still runs in ``slmopt generate``.
+    """
+    shapes = sorted({(s.num_kv_heads, s.head_dim) for s in layout.slots})
+    if len(shapes) > 1:
+        return f"its layers have different KV heads x head size {shapes}; the client assumes one for all"
+    return None
 
 
 def generation_meta(info: Any, layout: CacheLayout, tokenizer: bool) -> dict[str, Any]:
@@ -162,6 +177,7 @@ def generation_meta(info: Any, layout: CacheLayout, tokenizer: bool) -> dict[str
         ],
         "special_tokens": specials,
         "genai_placeholders": _genai_special(specials)[1],
+        "genai_incompatible": genai_incompatibility(layout),
         "tokenizer": tokenizer,
         "byte_level": bool(info.byte_level),
         "input_names": layout.input_names(),
@@ -298,6 +314,9 @@ def lower_generation(
     (Path(out_dir) / GENAI_CONFIG).write_text(json.dumps(genai_config(program.info, layout), indent=2) + "\n")
     meta = generation_meta(program.info, layout, tokenizer=bool(tokenizer))
     (Path(out_dir) / GENERATION_META).write_text(json.dumps(meta, indent=2) + "\n")
+    if meta["genai_incompatible"]:
+        log.warning("%s is written, but onnxruntime-genai cannot run this decoder: %s", GENAI_CONFIG,
+                    meta["genai_incompatible"])  # fmt: skip
     if meta["genai_placeholders"]:
         log.warning(
             "the model defines no %s; %s names token 0 instead because onnxruntime-genai requires a number "

@@ -120,8 +120,21 @@ def test_genai_config_is_the_client_schema_and_tokenizer_sits_beside_it(folders,
     meta = json.loads((folder / "slmopt_generation.json").read_text())
     assert meta["special_tokens"] == {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     assert set(meta["genai_placeholders"]) == {"bos_token_id", "eos_token_id", "pad_token_id"}
+    assert meta["genai_incompatible"] is None
     assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
     tokenizer = og.Tokenizer(og.Model(str(folder)))
     text = "héllo"
     assert [int(t) for t in tokenizer.encode(text)] == list(text.encode())
     assert tokenizer.decode(list(text.encode())) == text
+
+
+def test_layers_with_different_kv_shapes_are_flagged_for_genai() -> None:
+    from slmopt.backends.onnxrt.generation import genai_incompatibility
+    from slmopt.generation.kv_cache import CacheLayout, CacheSlot
+
+    def layout(*kv_heads: int) -> CacheLayout:
+        slots = [CacheSlot(i, i, f"sdpa_{i}", 4, h, 16) for i, h in enumerate(kv_heads)]
+        return CacheLayout(slots, dtype="float32", vocab_size=256, max_seq_len=64)
+
+    assert genai_incompatibility(layout(2, 2, 2)) is None
+    assert "different KV heads" in genai_incompatibility(layout(2, 1, 2))
