@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slmopt.data.windows import load_tensor_inputs
 from slmopt.errors import UserError
 from slmopt.program import ModelInfo, Program, capture
 from slmopt.safe_load import (
@@ -263,8 +264,6 @@ def _load_factory(spec: str, calib: str | Path | None = None) -> LoadedModel:
 
 def _inputs_from_calib(calib: str | Path, source: str) -> tuple[torch.Tensor]:
     """Example inputs for a module without them: the first two samples of its calibration array."""
-    from slmopt.data.windows import load_tensor_inputs
-
     try:
         x = load_tensor_inputs(calib, num_samples=2)
     except ValueError as err:

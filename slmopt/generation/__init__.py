@@ -1,7 +1,8 @@
 """Text generation: the KV-cache transform, the sampling loop and the generation benchmark.
 
-Modules: ``kv_cache`` (adds explicit past/present K/V to a Program), ``generate`` (Generator, sampling)
-and ``bench`` (tokens/s with and without the cache).
+Modules: ``kv_cache`` (adds explicit past/present K/V to a Program), ``layout`` (the cache contract),
+``window`` (causal/sliding-window masks read from the graph), ``check`` (self-checks past every window),
+``generate`` (Generator, sampling) and ``bench`` (tokens/s with and without the cache).
 
 Example:
     >>> from slmopt.generation import Generator

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from slmopt.errors import UserError
+from slmopt.generation.layout import CacheLayout, empty_past
 
 if TYPE_CHECKING:
-    from slmopt.generation.kv_cache import CacheLayout
     from slmopt.program import Program
 
 __all__ = ["DEFAULT_CHECK_TOLERANCE", "check_cache_program", "check_ids", "run_in_steps"]
@@ -72,8 +72,6 @@ def check_cache_program(
     def step(chunk: torch.Tensor, past: list[Any]) -> tuple[torch.Tensor, list[Any]]:
         logits, *present = cached.graph_module(chunk, *past)
         return logits, present
-
-    from slmopt.generation.kv_cache import empty_past
 
     with torch.no_grad():
         full = original(ids).float()
