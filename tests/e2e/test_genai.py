@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -138,3 +139,12 @@ def test_layers_with_different_kv_shapes_are_flagged_for_genai() -> None:
 
     assert genai_incompatibility(layout(2, 2, 2)) is None
     assert "different KV heads" in genai_incompatibility(layout(2, 1, 2))
+
+
+def test_a_folder_without_slmopt_generation_json_is_one_line(folders, tmp_path: Path, capsys) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(folders["plain"], old)
+    (old / "slmopt_generation.json").unlink()  # as written before the metadata had a file of its own
+    code = main(["generate", str(old), "--input-ids", "1,2", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no slmopt_generation.json" in err[0], err
