@@ -2,7 +2,8 @@
 
 The references are independent of slmopt: the Hugging Face model itself, run without a cache (full
 recompute every step), its config's ``sliding_window``/``layer_types``, and a hand-written windowed softmax
-attention. Windows are small (8 tokens) and generation runs well past them.
+attention. Windows are small (8 tokens) and generation runs well past them. Families: StarCoder2 and Mistral
+(every layer windowed), Gemma-3 and Qwen2 (windowed and full layers mixed).
 """
 
 from __future__ import annotations
@@ -54,7 +55,28 @@ def _gemma3() -> torch.nn.Module:
     return Gemma3ForCausalLM(cfg).eval()
 
 
-_BUILDERS = {"starcoder2": _starcoder2, "gemma3": _gemma3}
+def _mistral() -> torch.nn.Module:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(sliding_window=WINDOW, **_SMALL)).eval()
+
+
+def _qwen2() -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    # Qwen2 windows only the layers from max_window_layers on: a mix of full and windowed layers.
+    cfg = Qwen2Config(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, **_SMALL)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+_SMALL = {
+    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+    "initializer_range": 0.1, "tie_word_embeddings": False,
+}  # fmt: skip
+_BUILDERS = {"starcoder2": _starcoder2, "gemma3": _gemma3, "mistral": _mistral, "qwen2": _qwen2}
 
 
 @functools.cache
