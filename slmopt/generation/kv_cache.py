@@ -9,7 +9,9 @@ The transform:
 * every ``aten.scaled_dot_product_attention`` becomes a call of :func:`attend_with_cache`, which appends the
   new keys/values (the per-KV-head tensors ``[B, Hkv, S, D]``, found by walking back through HF's GQA
   ``unsqueeze → expand → reshape`` chain, after RoPE) to the past ones, repeats KV heads for GQA, builds the
-  causal mask of query positions ``P..P+S-1`` against keys ``0..P+S-1`` and runs SDPA. Re-exporting the
+  causal mask of query positions ``P..P+S-1`` against keys ``0..P+S-1`` — limited to the layer's sliding
+  window when its original mask has one (read from the graph, :mod:`slmopt.generation.window`) — and
+  runs SDPA. Re-exporting the
   graph traces that Python function into standard aten ops, so the ONNX exporter sees nothing custom;
 * every ``arange(S)`` over the input's sequence length (HF's ``cache_position``) is offset by the past
   length ``P`` (read from the first past key's shape), so RoPE and learned position embeddings see
@@ -18,8 +20,9 @@ The transform:
   ``present.{i}.key/value`` ``[B, Hkv, P+S, D]`` after the logits; ``i`` counts the *remaining* attention
   layers, :attr:`CacheSlot.block` records the original block index.
 
-A self-check (prefill of S tokens, then decode of 1, vs the full forward on S+1 tokens) refuses to return a
-wrong graph for an unfamiliar model family.
+A self-check (prefill, a chunk after a past, then a one-token decode, vs the original's full forward on ids
+longer than any sliding window; :mod:`slmopt.generation.check`) refuses to return a wrong graph for an
+unfamiliar model family.
 
 Example:
     >>> from tests.models import capture_model  # doctest: +SKIP

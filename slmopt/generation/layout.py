@@ -24,7 +24,7 @@ class CacheSlot:
     """One cached attention layer: its position among the remaining ones and where it came from."""
 
     index: int
-    block: int | None  # original block index (from analysis), None if analysis did not place it
+    block: int | None  # original layer number (module path, else analysis); None if neither places it
     node: str  # name of the SDPA node it replaced
     num_heads: int
     num_kv_heads: int
