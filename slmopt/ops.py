@@ -327,9 +327,8 @@ def load_cuda_kernel(verbose: bool = False) -> bool:
                     from slmopt.native import build
 
                     build.load_cuda_extension(verbose=verbose)
-                except (
-                    Exception
-                ) as exc:  # a missing toolkit, CPU-only torch, a compile error: use the reference
+                # A missing toolkit, CPU-only torch or a compile error: CUDA tensors use the reference.
+                except Exception as exc:
                     _cuda_state["error"] = f"{type(exc).__name__}: {exc}"
                     logger.warning(
                         "slmopt::fff: CUDA kernel unavailable, CUDA tensors run the PyTorch reference (%s)",
