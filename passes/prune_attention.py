@@ -31,6 +31,7 @@ from torch import fx
 
 from slmopt import distributed
 from slmopt.analysis.analyze import analyze
+from slmopt.analysis.coverage import check_coverage
 from slmopt.analysis.structure import Structure
 from slmopt.data.metrics import cross_entropy_nats, predicted_tokens, summarize_quality
 from slmopt.data.runner import CALIB_BATCH, stream_activations
@@ -265,6 +266,7 @@ class PruneAttention(Pass):
         cfg = self.config
         structure = analyze(program)
         units = units_of(structure, cfg.target)
+        self._coverage = check_coverage(structure, self.name, narrowed=bool(cfg.layers))
         what = f"{cfg.target} layer"
         if not units:
             raise ValueError(f"no {what}s found in this model (see `slmopt inspect`)")
@@ -392,7 +394,7 @@ class PruneAttention(Pass):
         if data is not None:
             metrics["quality"]["after"] = _quality(data)(program)
         metrics["plots"] = self._plots(ctx, units, scores, removed, metrics.get("sweep"))
-        report.metrics.update(metrics)
+        report.metrics.update(metrics, coverage=self._coverage)
         return PassResult(program, self.finish_report(report, program, started))
 
     def ensures(self, program: Program, ctx: PassContext) -> None:

@@ -159,13 +159,26 @@ def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
         kind="causal-lm" if causal else "encoder",
         source=str(path),
         vocab_size=vocab,
-        max_seq_len=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
+        max_seq_len=context_length(config),
         byte_level=vocab == 256 and not has_tokenizer,
         tokenizer_dir=str(path) if has_tokenizer else None,
         config=config.to_dict(),
     )
     wrapper = LogitsOnly(model) if causal else HiddenOnly(model)
     return LoadedModel(wrapper, _token_inputs(vocab), info, model_files(path))
+
+
+# Config keys families use for their context length (MPT: max_seq_len; GPT-2: n_positions; ...).
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+
+
+def context_length(config: Any) -> int | None:
+    """The model's context length from its config, whichever key its family uses (None if absent)."""
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _own_weights(model: nn.Module) -> None:
@@ -314,7 +327,7 @@ def from_module(
             kind="causal-lm" if causal else "encoder",
             source=source,
             vocab_size=int(config.vocab_size),
-            max_seq_len=getattr(config, "max_position_embeddings", None),
+            max_seq_len=context_length(config),
             config=config.to_dict(),
         )
         wrapper = LogitsOnly(module) if causal else HiddenOnly(module)

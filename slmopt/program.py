@@ -108,6 +108,18 @@ def _dynamic_shapes(info: ModelInfo, example_inputs: tuple[torch.Tensor, ...]) -
     return tuple(spec)
 
 
+def _excludes_full_context(err: Exception, info: ModelInfo) -> bool:
+    """Export proved every sequence length except the upper bound itself (guard ``seq != max``)."""
+    text, top = str(err), info.max_seq_len
+    return (
+        "Constraints violated (seq)" in text
+        and top is not None
+        and top > 2
+        and "seq" not in info.dim_bounds
+        and f"size()[1] != {top}" in text
+    )
+
+
 @dataclass
 class Program:
     """A captured model: graph module + inputs to re-export it + metadata + pass history."""
@@ -185,6 +197,9 @@ class Program:
 _PURE_IN_INFERENCE = {
     torch.ops.aten.dropout.default,
     torch.ops.aten.scaled_dot_product_attention.default,
+    # export's dtype/shape checks: kept alive they would keep a removed branch's weights (q/k norms,
+    # fp32 rotary casts in Qwen3 and Cohere) in the Program after prune-attn or elastic.
+    torch.ops.aten._assert_tensor_metadata.default,
 }
 
 
@@ -240,9 +255,22 @@ def capture(
     _set_training(module, False)
     try:
         with torch.no_grad():
-            ep = torch.export.export(
-                module, example_inputs, dynamic_shapes=_dynamic_shapes(info, example_inputs), strict=False
-            )
+            try:
+                ep = torch.export.export(
+                    module, example_inputs, dynamic_shapes=_dynamic_shapes(info, example_inputs), strict=False
+                )
+            except Exception as err:  # noqa: BLE001 - retried once, else re-raised unchanged
+                if not _excludes_full_context(err, info):
+                    raise
+                # MPT's ALiBi takes another branch at exactly max_seq_len tokens, so export proves only
+                # seq < max_seq_len: capture that range (one token less context) instead of failing.
+                log.info(
+                    "capturing with seq <= %d: the model branches at its full context", info.max_seq_len - 1
+                )
+                info.max_seq_len -= 1  # type: ignore[operator]
+                ep = torch.export.export(
+                    module, example_inputs, dynamic_shapes=_dynamic_shapes(info, example_inputs), strict=False
+                )
     finally:
         for m, training in modes.items():
             m.training = training

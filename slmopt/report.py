@@ -77,13 +77,15 @@ class CompileReport:
             "",
             "## Passes",
             "",
-            "| pass | changes | params before | params after | seconds | warnings |",
-            "|---|---|---|---|---|---|",
+            "| pass | changes | coverage | params before | params after | seconds | warnings |",
+            "|---|---|---|---|---|---|---|",
         ]
         for p in self.passes:
             warnings = "; ".join(p.get("warnings", [])) or ""
+            coverage = (p.get("metrics", {}).get("coverage") or {}).get("text", "-")
             lines.append(
-                f"| `{p['options']}` | {len(p['changes'])} | {p['params_before']:,} | {p['params_after']:,} "
+                f"| `{p['options']}` | {len(p['changes'])} | {coverage} | {p['params_before']:,} "
+                f"| {p['params_after']:,} "
                 f"| {p['seconds']:.2f} | {warnings} |"
             )
         for p in self.passes:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from slmopt.analysis.analyze import analyze
+from slmopt.analysis.coverage import check_coverage
 from slmopt.analysis.structure import Structure
 from slmopt.passes.elastic.latency import feasible_latency_plan
 from slmopt.passes.elastic.plan import (
@@ -225,6 +226,7 @@ class Elastic(Pass):
         program.recompile()  # drop dead weights (e.g. BERT's unused pooler) so totals count live params
         report = self.new_report(program)
         structure = analyze(program)
+        coverage = check_coverage(structure, self.name, narrowed=False)  # elastic cuts every block
         total = program.num_params()
         replay = load_replay(cfg.replay) if cfg.replay else None
         if replay is not None:
@@ -259,6 +261,7 @@ class Elastic(Pass):
             sub = program.clone()
             patched = extract(sub, structure, plan) if plan.key() != self._full(structure).key() else 0
             variants[name] = sub
+            self._check_budget(name, sub.num_params() / total)
             c = cost(program, structure, plan, total)
             subnets[name] = {
                 "params": sub.num_params(), "fraction": sub.num_params() / total, "predicted": c["params"],
@@ -269,7 +272,7 @@ class Elastic(Pass):
             }  # fmt: skip
             report.changes.append(Change("extract", f"subnet-{name}", {"plan": plan.to_dict()}))
         report.metrics.update(
-            total_params=total,
+            total_params=total, coverage=coverage,
             flops_full=cost(program, structure, self._full(structure), total)["flops_per_token"],
             quality_full=self._quality(program, ctx), subnets=subnets, orders=orders.to_dict(),
             plans={n: p.to_dict() for n, p in plans.items()}, search=rows,
@@ -277,6 +280,17 @@ class Elastic(Pass):
         result = PassResult(program, self.finish_report(report, program, started))
         result.variants = variants
         return result
+
+    def _check_budget(self, name: str, fraction: float) -> None:
+        """A parameter subnet must land within ±TOLERANCE of its budget: a miss is an error, not a note
+        (weights a cut failed to remove, e.g. kept alive by a stray graph node, would otherwise pass)."""
+        budget = next((b for b in self.config.budgets if variant_name(b) == name), None)
+        if budget is None or budget >= 1.0 or abs(fraction - budget) <= TOLERANCE * budget:
+            return
+        raise ValueError(
+            f"subnet {name} kept {fraction:.3f} of the parameters, outside ±{TOLERANCE:.0%} of its budget "
+            f"{budget:g}; `slmopt inspect MODEL` shows which weights analysis could not place"
+        )
 
     def _full(self, structure: Structure) -> Plan:
         return uniform_plan(structure, [b.index for b in structure.blocks], 1.0, 1 << 30)

@@ -51,6 +51,7 @@ class AttentionLayout:
         block: block index.
         heads / kv_heads / head_dim: query heads, KV heads (groups), per-head size.
         q / k / v: separate projections (None when fused), ``qkv`` the fused one, ``o`` the output.
+        qkv_layout: ``blocked`` ([q | k | v]) or ``interleaved`` ([q_h | k_h | v_h] per head).
     """
 
     block: int
@@ -62,6 +63,9 @@ class AttentionLayout:
     k: LinearInfo | None = None
     v: LinearInfo | None = None
     qkv: LinearInfo | None = None
+    qkv_layout: str = "blocked"
+    q_params: tuple[str, ...] = ()
+    k_params: tuple[str, ...] = ()
 
     @property
     def rep(self) -> int:
@@ -80,10 +84,13 @@ def attention_layouts(structure: Structure) -> list[AttentionLayout]:
             raise ValueError(f"attention of block {block.index}: projections {sorted(roles)} not q/k/v/o")
         if a.num_heads % a.num_kv_heads:
             raise ValueError(f"block {block.index}: {a.num_heads} heads not divisible by {a.num_kv_heads}")
+        if "qkv" in roles and a.qkv_layout == "interleaved" and a.num_heads != a.num_kv_heads:
+            raise ValueError(f"block {block.index}: per-head interleaved QKV with grouped K/V heads")
         out.append(
             AttentionLayout(
                 block.index, a.num_heads, a.num_kv_heads, a.head_dim, roles["o"],
-                roles.get("q"), roles.get("k"), roles.get("v"), roles.get("qkv"),
+                roles.get("q"), roles.get("k"), roles.get("v"), roles.get("qkv"), a.qkv_layout,
+                tuple(a.q_params), tuple(a.k_params),
             )
         )  # fmt: skip
     return out
@@ -114,7 +121,9 @@ def select_attention(
     rep, d = layout.rep, layout.head_dim
     q_heads = [g * rep + r for g in groups for r in q_orders[g]]
     q_idx, kv_idx = head_channels(q_heads, d), head_channels(groups, d)
-    if layout.qkv is not None:  # fused [q | k | v] along the output features
+    if layout.qkv is not None and layout.qkv_layout == "interleaved":  # [q_h | k_h | v_h] per head
+        _index(program, layout.qkv, "out", head_channels(q_heads, 3 * d))
+    elif layout.qkv is not None:  # fused [q | k | v] along the output features
         hq, hkv = layout.heads * d, layout.kv_heads * d
         _index(program, layout.qkv, "out", torch.cat([q_idx, hq + kv_idx, hq + hkv + kv_idx]))
     else:
@@ -123,6 +132,21 @@ def select_attention(
         _index(program, layout.k, "out", kv_idx)
         _index(program, layout.v, "out", kv_idx)
     _index(program, layout.o, "in", q_idx)
+    for target in layout.q_params:
+        _index_head_param(program, target, q_heads, layout.heads, d)
+    for target in layout.k_params:
+        _index_head_param(program, target, list(groups), layout.kv_heads, d)
+
+
+def _index_head_param(program: Program, target: str, heads: Sequence[int], total: int, d: int) -> None:
+    """Keeps ``heads`` of a per-head q/k parameter: ``[heads * d]``, ``[heads, d]``, or ``[d]`` (shared)."""
+    p = program.param(target)
+    if p.dim() == 1 and p.numel() == total * d:
+        program.set_param(target, p.index_select(0, head_channels(heads, d)))
+    elif p.dim() == 2 and tuple(p.shape) == (total, d):
+        program.set_param(target, p.index_select(0, torch.tensor(list(heads), dtype=torch.long)))
+    elif p.numel() != d and total > 1:  # [d]: one norm shared by every head, nothing to cut
+        raise ValueError(f"{target}: shape {tuple(p.shape)} is not per-head ({total} heads x {d})")
 
 
 def select_ffn(program: Program, structure: Structure, block: int, neurons: Sequence[int]) -> None:
@@ -130,9 +154,14 @@ def select_ffn(program: Program, structure: Structure, block: int, neurons: Sequ
     ffn = structure.blocks[block].ffn
     assert ffn is not None
     idx = torch.tensor(list(neurons), dtype=torch.long)
-    for info in (ffn.up, ffn.gate):
-        if info is not None:
-            _index(program, info, "out", idx)
+    if ffn.gate is not None and ffn.up.rows is not None and ffn.gate.rows is not None:
+        # One fused gate_up weight: cut both halves with the same neurons so gate and up rows stay paired.
+        halves = sorted((ffn.gate.rows, ffn.up.rows))
+        _index(program, ffn.up, "out", torch.cat([start + idx for start, _ in halves]))
+    else:
+        for info in (ffn.up, ffn.gate):
+            if info is not None:
+                _index(program, info, "out", idx)
     _index(program, ffn.down, "in", idx)
 
 
@@ -153,6 +182,8 @@ def drop_blocks(program: Program, structure: Structure, blocks: Sequence[int]) -
 # ------------------------------------------------------------------------------------------- shape fixes
 _SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 _SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default}
+# Feature slices of a fused projection (Phi-3's qkv[..., :q_width]): bounds scale with the cut.
+_SLICE_OPS = {aten.slice.Tensor}
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -163,7 +194,7 @@ class _ShapeRecorder(fx.Interpreter):
         self.shapes: dict[str, tuple[int, ...]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.op == "call_function" and n.target in _SHAPE_OPS | _SPLIT_OPS:
+        if n.op == "call_function" and n.target in _SHAPE_OPS | _SPLIT_OPS | _SLICE_OPS:
             self.shapes[n.name] = tuple(self.env[n.args[0]].shape)
         return super().run_node(n)
 
@@ -199,6 +230,14 @@ def _patch_node(n: fx.Node, old_in: tuple[int, ...], new_in: tuple[int, ...], ol
     if len(changed) != 1:
         raise ValueError(f"{n.name}: input changed in dims {changed}; elastic cuts one axis at a time")
     dim, old, new = changed[0], old_in[changed[0]], new_in[changed[0]]
+    if n.target in _SLICE_OPS:
+        args = [*n.args, 0, 0, None, 1][:5]
+        if args[1] % len(old_in) != dim:
+            return  # sliced along another axis
+        start = _scaled(args[2] or 0, old, new, n.name)
+        end = args[3] if args[3] is None or args[3] >= old else _scaled(args[3], old, new, n.name)
+        n.args = (args[0], args[1], start, end, *n.args[4:])
+        return
     if n.target in _SPLIT_OPS:
         split_dim = n.args[2] if len(n.args) > 2 else 0
         if split_dim % len(old_in) != dim:

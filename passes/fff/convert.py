@@ -126,13 +126,16 @@ class DenseFFN:
 
         def matrix(lin: LinearInfo, out_major: bool) -> Tensor:
             w = program.param(lin.weight).detach().float()
-            # Stored [out, in] unless transposed; `out_major` asks for [out, in].
-            return w.T.contiguous() if lin.transposed == out_major else w.clone()
+            w = w if lin.transposed else w.T  # [in, out]
+            if lin.rows is not None:  # gate or up half of a fused gate_up projection
+                w = w[:, lin.rows[0] : lin.rows[1]]
+            return w.T.contiguous() if out_major else w.contiguous()
 
         def bias(lin: LinearInfo | None) -> Tensor | None:
-            return (
-                None if lin is None or lin.bias is None else program.param(lin.bias).detach().float().clone()
-            )
+            if lin is None or lin.bias is None:
+                return None
+            b = program.param(lin.bias).detach().float()
+            return (b if lin.rows is None else b[lin.rows[0] : lin.rows[1]]).clone()
 
         gate = info.gate
         return DenseFFN(

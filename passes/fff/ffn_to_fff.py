@@ -32,6 +32,7 @@ from torch import fx
 
 import slmopt.ops  # noqa: F401 - registers torch.ops.slmopt.fff
 from slmopt.analysis.analyze import analyze
+from slmopt.analysis.coverage import check_coverage
 from slmopt.analysis.structure import FFNInfo
 from slmopt.passes.fff.convert import (
     PARTITION_FEATURES,
@@ -150,6 +151,7 @@ class FFNToFFF(Pass):
     # ------------------------------------------------------------------------------------ checks
     def _targets(self, program: Program) -> list[FFNInfo]:
         structure = analyze(program)
+        self._coverage = check_coverage(structure, self.name, narrowed=bool(self.config.layers))
         found = [b.ffn for b in structure.blocks if b.ffn is not None]
         if not found:
             raise ValueError("no feed-forward sublayer found; `slmopt inspect` shows what was found")
@@ -239,6 +241,7 @@ class FFNToFFF(Pass):
             )
         program.lowering_hints["fff_lowering"] = self.config.lowering
         report.metrics["layers"] = rows
+        report.metrics["coverage"] = self._coverage
         report.metrics["weights_read_fraction"] = read_weights / max(dense_weights, 1.0)
         return PassResult(program, self.finish_report(report, program, started))
 

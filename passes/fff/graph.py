@@ -119,7 +119,8 @@ def replace_ffn(program: Program, ffn: FFNInfo, tree: FFFTree, prefix: str) -> f
     """
     graph = program.graph
     nodes = {n.name: n for n in graph.nodes}
-    x, out = nodes[ffn.branch_input], nodes[ffn.branch_output]
+    # The op replaces the projections only: a branch-output norm or constant scale after them stays.
+    x, out = nodes[ffn.branch_input], nodes[ffn.projection_output or ffn.branch_output]
     x_val = x.meta.get("val")
     if x_val is None or not hasattr(x_val, "fake_mode"):
         raise ValueError(f"node {x.name!r} has no fake-tensor metadata; re-capture the model")

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slmopt import analysis
+from slmopt.analysis.coverage import check_coverage
 from slmopt.data.runner import CALIB_BATCH
 from slmopt.passes.sparsity.methods import PRUNE_METHODS, relative_output_error, relative_weight_error
 from slmopt.passes.sparsity.stats import InputStats, collect_input_stats, dataflow_groups
@@ -47,7 +48,7 @@ __all__ = ["BLOCK_ROLES", "Mask2to4"]
 log = logging.getLogger(__name__)
 
 # Roles a user may select with ``roles=``; the LM head is opted in with ``include_lm_head`` instead.
-BLOCK_ROLES = ("q", "k", "v", "qkv", "o", "up", "gate", "down", "other")
+BLOCK_ROLES = ("q", "k", "v", "qkv", "o", "up", "gate", "gate_up", "down", "other")
 
 Method = Literal["magnitude", "wanda", "sparsegpt"]
 
@@ -58,6 +59,7 @@ class _Plan:
 
     linears: list[LinearInfo]
     warnings: list[str] = field(default_factory=list)
+    coverage: dict[str, Any] = field(default_factory=dict)  # covered/total block linears
 
 
 @register_pass("mask-2to4", aliases=("sparsity",))
@@ -126,6 +128,7 @@ class Mask2to4(Pass):
                 f"no linear layers inside transformer blocks found: analysis saw {len(structure.linears)} "
                 f"linear(s) and {len(structure.blocks)} block(s) ({notes}); run `slmopt inspect MODEL`"
             )
+        coverage = check_coverage(structure, self.name, narrowed=bool(cfg.layers or cfg.roles))
         present = sorted({lin.block for lin in in_blocks if lin.block is not None})
         missing = sorted(set(cfg.layers) - set(present))
         if missing:
@@ -142,6 +145,8 @@ class Mask2to4(Pass):
                 f"roles present: {', '.join(roles)}"
             )
         plan = _Plan([])
+        coverage.update(covered=len(chosen), text=f"{len(chosen)}/{coverage['total']} block linears")
+        plan.coverage = coverage
         if cfg.include_lm_head:
             if structure.lm_head is None:
                 plan.warnings.append("include_lm_head: this model has no LM head")
@@ -199,6 +204,7 @@ class Mask2to4(Pass):
             "weights": [c.target for c in report.changes],
         }
         report.metrics["layers"] = rows
+        report.metrics["coverage"] = plan.coverage
         report.metrics["totals"] = _totals(rows, program)
         log.info(
             "%s: masked %d linears to %d:%d with %s (zero fraction %.3f)",

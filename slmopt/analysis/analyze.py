@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,20 +33,23 @@ from torch import fx
 from slmopt.analysis.graph import (
     GraphView,
     MatmulMatch,
-    concrete_numel,
-    consumes_matrix_param,
     count_heads,
     find_linears,
     module_path,
+    params_between,
+    qkv_layout,
+    split_source,
     val,
 )
 from slmopt.analysis.patterns import (
     TRANSPARENT_OPS,
     NormMatch,
+    _param_source,
     find_attention_cores,
     find_norms,
     match_activation,
 )
+from slmopt.analysis.residuals import Residual, branch_tail, canonicalize_parallel_sums, find_residuals
 from slmopt.analysis.structure import AttentionInfo, BlockInfo, FFNInfo, LinearInfo, NormInfo, Structure
 
 __all__ = ["AttentionInfo", "BlockInfo", "FFNInfo", "LinearInfo", "NormInfo", "Structure", "analyze"]
@@ -55,17 +60,6 @@ __all__ = ["AttentionInfo", "BlockInfo", "FFNInfo", "LinearInfo", "NormInfo", "S
 
 
 @dataclass
-class _Residual:
-    """A residual add ``add = stream + branch`` and the nodes of its branch subgraph."""
-
-    add: fx.Node
-    stream: fx.Node
-    branch: fx.Node
-    region: set[str]  # names on paths stream -> branch, plus branch
-    linears: list[MatmulMatch]
-
-
-@dataclass
 class _Ctx:
     view: GraphView
     linears: dict[str, MatmulMatch]
@@ -73,41 +67,15 @@ class _Ctx:
     norms: dict[str, NormMatch]
 
 
-def _find_residuals(ctx: _Ctx) -> list[_Residual]:
-    """Residual adds on the main stream, in graph order."""
-    view, found = ctx.view, []
-    for node in view.live_nodes():
-        if node.target is not torch.ops.aten.add.Tensor or len(node.args) != 2:
-            continue
-        a, b = node.args
-        if not all(isinstance(x, fx.Node) and isinstance(val(x), torch.Tensor) for x in (a, b)):
-            continue
-        if val(a).shape != val(b).shape:
-            continue
-        if view.is_ancestor(a, b):
-            stream, branch = a, b
-        elif view.is_ancestor(b, a):
-            stream, branch = b, a
-        else:
-            continue  # e.g. token + position embeddings, RoPE's rotate-half sum
-        region = view.between(stream, branch) | {branch.name}
-        if not any(consumes_matrix_param(view, view.nodes[n]) for n in region):
-            continue  # the x + 0.044715 x^3 inside NewGELU, etc.
-        linears = [ctx.linears[n] for n in sorted(region, key=view.order.__getitem__) if n in ctx.linears]
-        found.append(_Residual(node, stream, branch, region, linears))
-    nested = {r.add.name for r in found for other in found if other is not r and r.add.name in other.region}
-    return [r for r in found if r.add.name not in nested]
-
-
-def _branch_input(r: _Residual, linear: MatmulMatch) -> fx.Node:
+def _branch_input(r: Residual, linear: MatmulMatch) -> fx.Node:
     """What ``linear`` reads, seen through views and casts, stopping at the stream itself (post-norm)."""
     node = linear.x
-    while node is not r.stream and node.op == "call_function" and node.target in TRANSPARENT_OPS:
+    while node is not r.source and node.op == "call_function" and node.target in TRANSPARENT_OPS:
         node = node.args[0]
     return node
 
 
-def _match_attention(ctx: _Ctx, r: _Residual) -> AttentionInfo | None:
+def _match_attention(ctx: _Ctx, r: Residual) -> AttentionInfo | None:
     view = ctx.view
     cores = find_attention_cores(view, r.region)
     if len(cores) != 1:
@@ -119,7 +87,8 @@ def _match_attention(ctx: _Ctx, r: _Residual) -> AttentionInfo | None:
 
     q, k, v = feeding(core.query), feeding(core.key), feeding(core.value)
     o = [m for m in r.linears if view.is_ancestor(core.out, m.node)]
-    if not (len(q) == len(k) == len(v) == len(o) == 1) or view.skip_back(r.branch) is not o[0].node:
+    tail, branch_norm = branch_tail(view, ctx.norms, r)
+    if not (len(q) == len(k) == len(v) == len(o) == 1) or tail is not o[0].node:
         return None
     q_val = val(core.query)
     if not isinstance(q_val, torch.Tensor):
@@ -130,7 +99,7 @@ def _match_attention(ctx: _Ctx, r: _Residual) -> AttentionInfo | None:
     token_dims = list(q_val.shape[:-1])
     if len(token_dims) >= 3:
         del token_dims[-2]
-    tokens = concrete_numel(token_dims)
+    tokens = math.prod(int(d) for d in token_dims if isinstance(d, int))  # static dims only
     heads = count_heads(view, q[0].node, core.query, head_dim, tokens)
     kv_heads = count_heads(view, k[0].node, core.key, head_dim, tokens)
     if heads is None or kv_heads is None:
@@ -157,51 +126,76 @@ def _match_attention(ctx: _Ctx, r: _Residual) -> AttentionInfo | None:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         linears=[m.node.name for m, _ in [*roles, (o[0], "o")]],
+        branch_norm=branch_norm.output.name if branch_norm else None,
+        projection_output=tail.name,
+        qkv_layout=qkv_layout(view, q[0], core.query, head_dim) if len(projections) == 1 else "blocked",
+        q_params=params_between(view, q[0], core.query),
+        k_params=params_between(view, k[0], core.key),
     )
 
 
-def _match_ffn(ctx: _Ctx, r: _Residual) -> FFNInfo | None:
+def _match_ffn(ctx: _Ctx, r: Residual) -> FFNInfo | None:
     view, by_node = ctx.view, {m.node.name: m for m in r.linears}
 
-    def linear_of(node: Any) -> MatmulMatch | None:
-        return by_node.get(getattr(view.skip_back(node), "name", ""))
+    def linear_of(node: Any) -> tuple[MatmulMatch, tuple[int, int] | None] | None:
+        """The linear behind ``node``, and the feature range it reads when ``node`` is a split of it."""
+        hit = by_node.get(getattr(view.skip_back(node), "name", ""))
+        if hit is not None:
+            return hit, None
+        part = split_source(view, node)
+        hit = by_node.get(part[0].name) if part else None
+        return (hit, part[1:]) if hit is not None and part else None
 
-    down = linear_of(r.branch)
-    if down is None:
+    tail, branch_norm = branch_tail(view, ctx.norms, r)
+    found = linear_of(tail)
+    if found is None or found[1] is not None:
         return None
+    down = found[0]
     hidden = view.skip_back(down.x)
     act = match_activation(view, hidden)
     gate, up = None, (linear_of(act[1]) if act else None)
     if up is None and getattr(hidden, "target", None) is torch.ops.aten.mul.Tensor:
-        # Gated: act(x W_g) * (x W_u), either operand order.
+        # Gated: act(x W_g) * (x W_u), either operand order; W_g and W_u may be halves of one linear.
         for first, second in (hidden.args, hidden.args[::-1]):
             act = match_activation(view, first)
             gate, up = (linear_of(act[1]), linear_of(second)) if act else (None, None)
-            if gate is not None and up is not None and gate is not up:
+            if gate is not None and up is not None and gate != up and gate[0] is not down:
                 break
             gate = up = None
-    if act is None or up is None or len(by_node) != (3 if gate else 2):
-        return None  # unknown activation, or extra linears in the branch: do not guess
-    for match, role in ((up, "up"), (gate, "gate"), (down, "down")):
-        if match is not None:
-            ctx.infos[match.node.name].role = role
+    if act is None or up is None or (up[1] is not None and gate is None):
+        return None  # unknown activation, or a split without a gate
+    fused = gate is not None and gate[0] is up[0]
+    if fused and (gate[1] is None or up[1] is None):  # type: ignore[index]
+        return None
+    if len(by_node) != (2 if gate is None or fused else 3):
+        return None  # extra linears in the branch: do not guess
+    ctx.infos[down.node.name].role = "down"
+    views = {}
+    for found_, role in ((up, "up"), (gate, "gate")):
+        if found_ is None:
+            continue
+        info = ctx.infos[found_[0].node.name]
+        info.role = "gate_up" if fused else role
+        views[role] = dataclasses.replace(info, role=role, rows=found_[1]) if fused else info
     return FFNInfo(
         block=-1,
         residual_add=r.add.name,
         residual=r.stream.name,
         branch_output=r.branch.name,
-        branch_input=_branch_input(r, up).name,
+        branch_input=_branch_input(r, up[0]).name,
         kind="gated" if gate else "mlp",
         activation=act[0],
-        up=ctx.infos[up.node.name],
+        up=views["up"],
         down=ctx.infos[down.node.name],
-        gate=ctx.infos[gate.node.name] if gate else None,
-        width=up.out_features,
+        gate=views.get("gate"),
+        width=(up[1][1] - up[1][0]) if up[1] else up[0].out_features,
+        branch_norm=branch_norm.output.name if branch_norm else None,
+        projection_output=tail.name,
     )
 
 
 # (kind, builder): a builder returns None for "not mine".
-_SUBLAYER_RULES: tuple[tuple[str, Callable[[_Ctx, _Residual], AttentionInfo | FFNInfo | None]], ...] = (
+_SUBLAYER_RULES: tuple[tuple[str, Callable[[_Ctx, Residual], AttentionInfo | FFNInfo | None]], ...] = (
     ("attention", _match_attention),
     ("ffn", _match_ffn),
 )
@@ -211,7 +205,7 @@ def _norm_info(match: NormMatch) -> NormInfo:
     return NormInfo(node=match.output.name, kind=match.kind, weight=match.weight, bias=match.bias)
 
 
-def _block_hint(r: _Residual) -> str | None:
+def _block_hint(r: Residual) -> str | None:
     """The innermost indexed module (``...layers.3``) common to the branch's linears, if any."""
     paths = [module_path(m.node).split(".") for m in r.linears]
     common: list[str] = []
@@ -232,25 +226,33 @@ def _other_layer(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and a != b and a.rsplit(".", 1)[0] == b.rsplit(".", 1)[0]
 
 
-def _post_norm(ctx: _Ctx, r: _Residual, next_r: _Residual | None, info: Any) -> NormMatch | None:
-    """A norm right after the add that *is* the stream afterwards (BERT), not the next pre-norm (GPT-2)."""
+def _post_norm(
+    ctx: _Ctx, r: Residual, next_r: Residual | None, info: Any, post_norm_model: bool
+) -> NormMatch | None:
+    """A norm right after the add that *is* the stream afterwards (BERT), not the next pre-norm (GPT-2).
+
+    The last sublayer's norm counts as its post-norm only in a model whose earlier sublayers had one: in
+    OLMo-2 (branch-output norms, no pre-norms) the norm after the last add is the final norm.
+    """
     for norm in ctx.norms.values():
         if ctx.view.skip_back(norm.input) is not r.add:
             continue
         if next_r is not None and ctx.view.skip_back(next_r.stream) is norm.output:
             return norm
-        if next_r is None and info.branch_input == info.residual:  # last sublayer of a post-norm model
+        if next_r is None and post_norm_model and info.branch_input == info.residual:
             return norm
     return None
 
 
 def _params(view: GraphView, names: set[str]) -> int:
     """Unique parameter elements read by the named nodes (a tensor shared by two get_attrs counts once)."""
-    tensors = [view.attr(i) for n in names for i in view.nodes[n].all_input_nodes]
+    # Through transposes too: Falcon's projections read ``W.T`` (a numpy_T node), not the get_attr itself.
+    sources = [_param_source(view, i) for n in names for i in view.nodes[n].all_input_nodes]
+    tensors = [view.attr(src[0]) for src in sources if src is not None]
     return sum(t.numel() for t in {id(t): t for t in tensors if t is not None}.values())
 
 
-def _group_blocks(ctx: _Ctx, residuals: list[_Residual], notes: list[str]) -> list[BlockInfo]:
+def _group_blocks(ctx: _Ctx, residuals: list[Residual], notes: list[str]) -> list[BlockInfo]:
     blocks: list[BlockInfo] = []
     for i, r in enumerate(residuals):
         info = next((x for _, builder in _SUBLAYER_RULES if (x := builder(ctx, r)) is not None), None)
@@ -279,7 +281,10 @@ def _group_blocks(ctx: _Ctx, residuals: list[_Residual], notes: list[str]) -> li
         pre = ctx.norms.get(info.branch_input)
         if pre is not None and info.branch_input != info.residual:
             current.norms.append(_norm_info(pre))
-        post = _post_norm(ctx, r, residuals[i + 1] if i + 1 < len(residuals) else None, info)
+        if info.branch_norm is not None:
+            current.norms.append(_norm_info(ctx.norms[info.branch_norm]))
+        post_norm_model = i > 0 and any(b.attention and b.attention.post_norm for b in blocks)
+        post = _post_norm(ctx, r, residuals[i + 1] if i + 1 < len(residuals) else None, info, post_norm_model)
         if post is not None:
             info.post_norm = post.output.name
             current.norms.append(_norm_info(post))
@@ -287,6 +292,10 @@ def _group_blocks(ctx: _Ctx, residuals: list[_Residual], notes: list[str]) -> li
         current.params += _params(ctx.view, names)
         for name in info.linears if isinstance(info, AttentionInfo) else [m.node.name for m in r.linears]:
             ctx.infos[name].block = current.index
+        if isinstance(info, FFNInfo):  # the gate/up views of a fused projection are copies
+            for view_info in (info.up, info.gate, info.down):
+                if view_info is not None:
+                    view_info.block = current.index
     return blocks
 
 
@@ -322,6 +331,7 @@ def analyze(program: Any) -> Structure:
         [2, 2]
     """
     gm: fx.GraphModule = getattr(program, "graph_module", program)
+    canonicalize_parallel_sums(gm)  # one add per branch of a parallel block (function-preserving)
     view = GraphView(gm)
     linears = {m.node.name: m for m in find_linears(view)}
     infos = {
@@ -329,7 +339,7 @@ def analyze(program: Any) -> Structure:
         for name, m in linears.items()
     }
     ctx = _Ctx(view=view, linears=linears, infos=infos, norms=find_norms(view))
-    residuals = _find_residuals(ctx)
+    residuals = find_residuals(view, linears)
     notes: list[str] = []
     blocks = _group_blocks(ctx, residuals, notes)
 

@@ -41,6 +41,7 @@ from slmopt.analysis.patterns import (
     find_attention_cores,
     find_norms,
     match_activation,
+    split_source,
 )
 
 __all__ = [
@@ -59,6 +60,9 @@ __all__ = [
     "find_norms",
     "match_activation",
     "module_path",
+    "params_between",
+    "qkv_layout",
+    "split_source",
     "val",
 ]
 
@@ -141,9 +145,26 @@ def concrete_numel(shape: Iterable[Any]) -> int:
     """Product of the *static* dims of a (fake tensor) shape; dynamic batch/sequence dims are SymInts.
 
     With batch and sequence dynamic this is the number of features per token, whatever the layout:
-    ``[b, s, 4, 12]`` and ``[b, 4, s, 12]`` both give 48.
+    ``[b, s, 4, 12]`` and ``[b, 4, s, 12]`` both give 48. A symbolic dim with a constant factor counts
+    that factor: BLOOM folds heads into the batch, ``[4*b, s, 12]`` also gives 48.
     """
-    return math.prod(int(d) for d in shape if isinstance(d, int))
+    return math.prod(int(d) if isinstance(d, int) else _coefficient(d) for d in shape)
+
+
+def _static(dim: Any, size: int) -> bool:
+    return isinstance(dim, int) and dim == size
+
+
+def _coefficient(dim: Any) -> int:
+    """The integer factor of a symbolic dim (``4*s0`` -> 4; ``s0`` or anything else -> 1)."""
+    expr = getattr(getattr(dim, "node", None), "expr", None)
+    if expr is None or not getattr(expr, "free_symbols", None):
+        return 1
+    try:
+        coeff = expr.as_coeff_Mul()[0]
+    except AttributeError:
+        return 1
+    return int(coeff) if getattr(coeff, "is_Integer", False) and int(coeff) > 0 else 1
 
 
 def module_path(node: Node) -> str:
@@ -224,9 +245,39 @@ def count_heads(view: GraphView, projection: Node, operand: Node, head_dim: int,
     widths = []
     for name in view.between(projection, operand) | {operand.name}:
         value = val(view.nodes[name])
-        if not isinstance(value, torch.Tensor) or value.dim() < 3 or value.shape[-1] != head_dim:
+        # Compare static sizes only: a symbolic sequence dim whose example size equals head_dim would
+        # otherwise be guarded (specialised) to that size by the comparison.
+        if not isinstance(value, torch.Tensor) or value.dim() < 3 or not _static(value.shape[-1], head_dim):
             continue
         width = concrete_numel(value.shape)
         if width % (tokens * head_dim) == 0:
             widths.append(width // tokens)
     return min(widths) // head_dim if widths else None
+
+
+def params_between(view: GraphView, proj: MatmulMatch, operand: fx.Node) -> list[str]:
+    """Parameters read on the way from a projection to the attention core (per-head q/k norms)."""
+    found = []
+    for name in sorted(view.between(proj.node, operand) | {operand.name}, key=view.order.__getitem__):
+        for arg in view.nodes[name].all_input_nodes:
+            src = _param_source(view, arg)
+            target = str(src[0].target) if src else None
+            if target and target not in (proj.weight, proj.bias) and target not in found:
+                found.append(target)
+    return found
+
+
+def qkv_layout(view: GraphView, qkv: MatmulMatch, query: fx.Node, head_dim: int) -> str:
+    """``interleaved`` when the fused output is viewed as ``[..., heads, 3 * head_dim]`` before the split
+    (GPT-NeoX, BLOOM), else ``blocked`` (``[q | k | v]`` along the features, GPT-2)."""
+    for name in view.between(qkv.node, query):
+        value = val(view.nodes[name])
+        if not isinstance(value, torch.Tensor) or value.dim() < 3:
+            continue
+        # [..., heads, 3 * d] (GPT-NeoX) or [..., heads, 3, d] (BLOOM): q, k, v of one head side by side.
+        last, second = value.shape[-1], value.shape[-2]
+        if not isinstance(last, int):  # symbolic: comparing would specialise it
+            continue
+        if last == 3 * head_dim or (last == head_dim and isinstance(second, int) and second == 3):
+            return "interleaved"
+    return "blocked"

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -40,6 +41,7 @@ __all__ = [
     "find_attention_cores",
     "find_norms",
     "match_activation",
+    "split_source",
 ]
 
 Node = fx.Node
@@ -292,12 +294,14 @@ class AttentionCore:
     out: Node
 
 
+_BADDBMM = _ops("baddbmm.default")
+
+
 def _is_activation_matmul(view: GraphView, node: Any) -> bool:
-    return (
-        isinstance(node, Node)
-        and node.target in _BATCHED_MATMUL_OPS
-        and all(_param_source(view, a) is None for a in node.args[:2])
-    )
+    if not isinstance(node, Node) or node.target not in _BATCHED_MATMUL_OPS | _BADDBMM:
+        return False
+    operands = node.args[1:3] if node.target in _BADDBMM else node.args[:2]
+    return len(operands) == 2 and all(_param_source(view, a) is None for a in operands)
 
 
 def _softmax_core(view: GraphView, softmax: Node, region: set[str]) -> AttentionCore | None:
@@ -311,11 +315,13 @@ def _softmax_core(view: GraphView, softmax: Node, region: set[str]) -> Attention
         frontier = [a for n in frontier if isinstance(n, Node) for a in n.all_input_nodes if a.name in region]
     if scores is None:
         return None
+    # baddbmm(bias, Q, K^T): BLOOM's ALiBi scores carry the bias as the first operand.
+    query, key = (scores.args[1], scores.args[2]) if scores.target in _BADDBMM else scores.args[:2]
     probs = view.skip_forward(softmax)
     out = next((u for u in view.users(probs) if _is_activation_matmul(view, u) and u.args[0] is probs), None)
     if out is None:
         return None
-    return AttentionCore(node=softmax, query=scores.args[0], key=scores.args[1], value=out.args[1], out=out)
+    return AttentionCore(node=softmax, query=query, key=key, value=out.args[1], out=out)
 
 
 def find_attention_cores(view: GraphView, region: set[str]) -> list[AttentionCore]:
@@ -331,3 +337,52 @@ def find_attention_cores(view: GraphView, region: set[str]) -> list[AttentionCor
             if core is not None:
                 cores.append(core)
     return cores
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits: one projection's output cut along its features (Phi-3's fused gate_up, fused QKV).
+
+_SPLIT_OPS = _ops("split.Tensor", "split_with_sizes.default", "chunk.default", "unsafe_split.Tensor")
+
+
+def _last_dim(value: Any, dim: Any) -> bool:
+    return isinstance(dim, int) and isinstance(value, torch.Tensor) and dim in (-1, value.dim() - 1)
+
+
+def split_source(view: GraphView, node: Any) -> tuple[Node, int, int] | None:
+    """``(source, start, stop)`` when ``node`` is a slice of ``source``'s last dim, seen through views.
+
+    Recognises ``chunk``/``split``/``split_with_sizes`` followed by ``getitem`` and ``slice.Tensor``.
+    """
+    node = view.skip_back(node)
+    if not isinstance(node, Node) or node.op != "call_function":
+        return None
+    if _is_op(node, "slice.Tensor"):
+        src, args = node.args[0], [*node.args[1:], 0, 0, None][:3]
+        width = getattr(src.meta.get("val"), "shape", [None])[-1] if isinstance(src, Node) else None
+        if not _last_dim(src.meta.get("val"), args[0]) or not isinstance(width, int):
+            return None
+        start, stop = int(args[1] or 0), width if args[2] is None else min(int(args[2]), width)
+        return view.skip_back(src), start, stop
+    if node.target is not operator.getitem or not isinstance(node.args[0], Node):
+        return None
+    split, index = node.args[0], node.args[1]
+    if split.op != "call_function" or split.target not in _SPLIT_OPS:
+        return None
+    src = split.args[0]
+    value = src.meta.get("val") if isinstance(src, Node) else None
+    dim = split.kwargs.get("dim", split.args[2] if len(split.args) > 2 else 0)
+    if not _last_dim(value, dim) or not isinstance(value.shape[-1], int):
+        return None
+    width, how = int(value.shape[-1]), split.args[1]
+    if split.target in _ops("chunk.default"):
+        step = -(-width // int(how))
+        sizes = [min(step, width - i) for i in range(0, width, step)]
+    elif isinstance(how, int):
+        sizes = [min(how, width - i) for i in range(0, width, how)]
+    else:
+        sizes = [int(s) for s in how]
+    if not isinstance(index, int) or index >= len(sizes):
+        return None
+    start = sum(sizes[:index])
+    return view.skip_back(src), start, start + sizes[index]

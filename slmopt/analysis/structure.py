@@ -30,7 +30,10 @@ class LinearInfo:
         transposed: True when the weight is stored ``[in, out]`` (GPT-2 Conv1D / addmm); False for
             ``nn.Linear``'s ``[out, in]``. The 2:4 groups always run along the *in* dimension.
         block: index of the transformer block it belongs to, None outside blocks (embeddings, LM head).
-        role: ``q``, ``k``, ``v``, ``qkv``, ``o``, ``up``, ``gate``, ``down``, ``lm_head`` or ``other``.
+        role: ``q``, ``k``, ``v``, ``qkv``, ``o``, ``up``, ``gate``, ``down``, ``gate_up`` (one fused
+            projection split into gate and up, as in Phi-3), ``lm_head`` or ``other``.
+        rows: for the ``gate``/``up`` views of a fused ``gate_up`` projection, the ``[start, stop)`` range
+            of output features this role reads; None when the role uses every output feature.
     """
 
     node: str
@@ -41,6 +44,7 @@ class LinearInfo:
     transposed: bool = False
     block: int | None = None
     role: str = "other"
+    rows: tuple[int, int] | None = None
 
 
 @dataclass
@@ -67,6 +71,14 @@ class AttentionInfo:
         num_heads / num_kv_heads / head_dim: query heads, key/value heads (GQA), per-head size.
         linears: node names of q/k/v(/qkv) and o projections.
         post_norm: node name of a norm applied right after the residual add (post-norm models), or None.
+        branch_norm: node name of a norm on the branch's output before the add (Gemma-2 sandwich norms).
+        projection_output: node name of the last projection's output, before any branch norm or constant
+            scale (Granite's residual multiplier); equals ``branch_output`` when there is neither.
+        q_params / k_params: ``get_attr`` targets of parameters applied between the q (k) projection and
+            the attention core, i.e. per-head q/k norms (Qwen3 ``[head_dim]``, Cohere ``[heads, head_dim]``,
+            OLMo-2 ``[heads * head_dim]``); cutting heads must cut these too.
+        qkv_layout: for a fused ``qkv`` projection: ``"blocked"`` (``[q | k | v]`` along the output
+            features, GPT-2) or ``"interleaved"`` (``[q_h | k_h | v_h]`` per head, GPT-NeoX).
     """
 
     block: int
@@ -80,6 +92,11 @@ class AttentionInfo:
     head_dim: int
     linears: list[str] = field(default_factory=list)
     post_norm: str | None = None
+    branch_norm: str | None = None
+    projection_output: str = ""
+    qkv_layout: str = "blocked"
+    q_params: list[str] = field(default_factory=list)
+    k_params: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -87,7 +104,8 @@ class FFNInfo:
     """A feed-forward sublayer: plain ``down(act(up(x)))`` or gated ``down(act(gate(x)) * up(x))``.
 
     Attributes:
-        residual_add / residual / branch_output / branch_input / post_norm: as in AttentionInfo.
+        residual_add / residual / branch_output / branch_input / post_norm / branch_norm /
+            projection_output: as in AttentionInfo.
         kind: ``"mlp"`` or ``"gated"``.
         activation: ``gelu`` (erf), ``gelu_tanh``, ``silu`` or ``relu``.
         up / gate / down: the LinearInfo of each projection (``gate`` None for plain MLPs).
@@ -106,6 +124,8 @@ class FFNInfo:
     gate: LinearInfo | None = None
     width: int = 0
     post_norm: str | None = None
+    branch_norm: str | None = None
+    projection_output: str = ""
 
 
 @dataclass
@@ -151,12 +171,16 @@ class Structure:
         for b in self.blocks:
             a, f = b.attention, b.ffn
             post = {a.post_norm if a else None, f.post_norm if f else None}
+            on_branch = {a.branch_norm if a else None, f.branch_norm if f else None} - {None}
             rows.append((
                 str(b.index),
                 b.name or "-",
                 f"{a.num_heads}/{a.num_kv_heads} x {a.head_dim}: {','.join(roles[n] for n in a.linears)}" if a else "-",
-                f"{f.kind} {f.activation} x{f.width}" if f else "-",
-                ", ".join(n.kind + (" (post)" if n.node in post else "") for n in b.norms) or "-",
+                f"{f.kind}{' fused' if f.up.rows else ''} {f.activation} x{f.width}" if f else "-",
+                ", ".join(
+                    n.kind + (" (post)" if n.node in post else " (branch)" if n.node in on_branch else "")
+                    for n in b.norms
+                ) or "-",
                 f"{b.params:,}",
             ))  # fmt: skip
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -206,7 +206,7 @@ def test_method_needing_calib_without_calib(programs, method: str) -> None:
         ("mask-2to4{n=4,m=4}", "0 < n < m"),
         ("mask-2to4{n=0}", "0 < n < m"),
         ("mask-2to4{method=random}", "magnitude, wanda, sparsegpt"),
-        ("mask-2to4{roles=attn}", "valid roles: q, k, v, qkv, o, up, gate, down, other"),
+        ("mask-2to4{roles=attn}", "valid roles: q, k, v, qkv, o, up, gate, gate_up, down, other"),
         ("mask-2to4{blocksize=6}", "multiple of m=4"),
         ("mask-2to4{damp=-1}", "damp"),
         ("mask-2to4{sparsity=0.5}", "valid options: blocksize, damp"),

@@ -1,0 +1,46 @@
+"""No silent partial coverage: a planted unclassifiable sublayer makes every covering pass refuse in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slmopt.cli import main
+from slmopt.errors import UserError
+from slmopt.loaders import load_program
+from slmopt.pipeline import PassContext, PassManager, parse_pipeline
+
+PLANTED = "tests.families:planted_unclassifiable"
+CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_cli_exits_2_with_one_line_naming_the_unclassified_weights(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    code = main(["compile", PLANTED, "--passes", "mask-2to4{method=magnitude}", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("slmopt: error:")]
+    assert code == 2
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "reach only 12/14 block linears" in lines[0]
+    assert "odd.fc1.weight" in lines[0] and "odd.fc2.weight" in lines[0]
+    assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    "spec", ["prune-attn{remove=1}", "fff{depth=1,distill_steps=0}", "elastic{budgets=0.75}"]
+)
+def test_every_covering_pass_refuses(spec: str) -> None:
+    program, _ = load_program(PLANTED)
+    with pytest.raises(UserError, match=r"could not classify .*odd\.fc1\.weight"):
+        PassManager(parse_pipeline(spec)).run(program, PassContext(calib=CALIB, progress=False))
+
+
+def test_narrowed_pass_runs_and_the_report_states_coverage(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    spec = "mask-2to4{method=magnitude,layers=0}"
+    code = main(["compile", PLANTED, "--passes", spec, "--seq-len", "32", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = (out / "report.md").read_text()
+    assert "| 6/14 block linears |" in report  # block 0's q, k, v, o, fc1, fc2 of 14
