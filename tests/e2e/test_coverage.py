@@ -9,6 +9,7 @@ from slmopt.cli import main
 from slmopt.errors import UserError
 from slmopt.loaders import load_program
 from slmopt.pipeline import PassContext, PassManager, parse_pipeline
+from tests.families import available, build_family
 
 PLANTED = "tests.families:planted_unclassifiable"
 CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
@@ -44,3 +45,14 @@ def test_narrowed_pass_runs_and_the_report_states_coverage(tmp_path, capsys) -> 
     assert code == 0, capsys.readouterr().err
     report = (out / "report.md").read_text()
     assert "| 6/14 block linears |" in report  # block 0's q, k, v, o, fc1, fc2 of 14
+
+
+def test_phi3_folder_masks_every_block_linear(tmp_path, capsys) -> None:
+    """Issue 17's reproduction: a saved Phi-3 compiles with all 8 block linears masked (was 4 of 8, exit 0)."""
+    if not available("phi3"):
+        pytest.skip("transformers has no Phi-3")
+    model_dir, out = tmp_path / "phi3", tmp_path / "out"
+    build_family("phi3").save_pretrained(model_dir)
+    code = main(["compile", str(model_dir), "--passes", "mask-2to4{method=magnitude}", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "| 8/8 block linears |" in (out / "report.md").read_text()

@@ -27,7 +27,9 @@ import torch
 from slmopt.analysis import analyze
 from slmopt.backends.onnxrt.export import export_onnx
 from slmopt.backends.onnxrt.generation import OnnxDecoder, lower_generation
+from slmopt.errors import UserError
 from slmopt.generation.generate import Generator
+from slmopt.passes.fff.convert import DenseFFN
 from slmopt.pipeline import PassContext, PassManager, parse_pipeline
 from slmopt.program import Program
 from tests.families import FAMILIES, available, build_family, capture_family
@@ -44,6 +46,24 @@ NAMES = [
     for n in FAMILIES
     if available(n)
 ]
+# Gaps the support matrix explains; each is a strict xfail, so a fix shows up as an unexpected pass.
+KNOWN_GAPS = {
+    ("gemma2", "generate"): "HF Gemma-2 writes attention by hand (logit soft-capping, no SDPA); the "
+    "KV-cache transform needs scaled_dot_product_attention",
+}
+
+
+def _gap(check: str) -> list:
+    """NAMES with a strict xfail on each family whose ``check`` is a known gap."""
+    out = []
+    for param in NAMES:
+        name, marks = param.values[0], list(param.marks)
+        if (name, check) in KNOWN_GAPS:
+            marks.append(pytest.mark.xfail(reason=KNOWN_GAPS[name, check], strict=True, raises=UserError))
+        out.append(pytest.param(name, marks=marks))
+    return out
+
+
 PIPELINES = {
     "mask-2to4": "mask-2to4{method=magnitude}",
     # ``ops`` lowers the tree with standard ONNX ops (exact erf GELU); ORT's MoE op approximates GELU.
@@ -142,10 +162,12 @@ def test_pass_runs_and_onnx_matches_the_transformed_program(
             w = new.param(lin.weight)
             rows = w.T if lin.transposed else w  # [out, in]: groups of 4 run along `in`
             ok &= bool(((rows.reshape(rows.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
+    detail = f"ORT max |diff| {diff:.2e}"
     if pass_name == "elastic":
         fraction = new.num_params() / original.num_params()
         ok &= abs(fraction - 0.5) <= 0.03 * 0.5
-    _record(name, pass_name, ok, f"ORT max |diff| {diff:.2e}")
+        detail += f", {fraction:.3f} of the parameters"
+    _record(name, pass_name, ok, detail)
     assert diff <= PARITY
     assert ok
 
@@ -171,7 +193,7 @@ def test_attention_removal_equals_hf_with_the_attention_output_zeroed(name: str,
     assert gone >= owned
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _gap("generate"))
 @pytest.mark.parametrize("prune", [False, True], ids=["plain", "prune-attn"])
 def test_kv_cache_engine_greedy_equals_hf_without_cache(
     name: str, prune: bool, captured, pruned, tmp_path: Path
@@ -266,3 +288,17 @@ def test_analysis_reads_each_pattern_and_is_idempotent(name: str, captured) -> N
     code = program.graph_module.code
     assert analyze(program).to_dict() == first.to_dict()
     assert program.graph_module.code == code
+
+
+def test_fused_gate_up_reads_like_separate_projections(captured) -> None:
+    """Phi-3's one gate_up weight, read by the FFF converter, computes the HF MLP itself (the reference)."""
+    if not available("phi3"):
+        pytest.skip("transformers has no Phi-3")
+
+    ffn = analyze(captured["phi3"]).blocks[1].ffn
+    dense = DenseFFN.from_program(captured["phi3"], ffn)
+    mlp = build_family("phi3").model.layers[1].mlp
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), mlp(x), rtol=1e-5, atol=1e-6)
+    assert dense.gated and dense.width == 96
