@@ -119,7 +119,8 @@ FAMILIES: dict[str, Family] = {
         {"vocab_size": VOCAB, "hidden_size": 64, "n_layer": 2, "n_head": 4, "bos_token_id": 1,
          "eos_token_id": 2},
         "ALiBi attention scored with baddbmm, heads folded into the batch, interleaved qkv",
-        "transformer.h.{i}.self_attention",
+        # BLOOM's attention module adds the residual itself: zero its output projection instead.
+        "transformer.h.{i}.self_attention.dense",
     ),
     "mpt": Family(
         "MptForCausalLM", "MptConfig",

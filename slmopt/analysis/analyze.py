@@ -6,11 +6,16 @@ The result types (the CONTRACT: ``Structure``, ``BlockInfo``, ``AttentionInfo``,
 How ``analyze`` works (``nn_module_stack`` is only used to name blocks and to keep two sublayers of
 different modules out of one block):
 
+0. parallel-residual joins ``x + attn(ln1(x)) + mlp(ln2(x))`` are re-associated *in place* into one add
+   per branch (``slmopt.analysis.residuals``; function-preserving, idempotent), so every pass removes or
+   replaces a branch by rewiring one add;
 1. every live multiply of an activation by a parameter matrix is a linear (``slmopt.analysis.graph``);
-2. a *residual add* is ``add(h, branch)`` where ``h`` is an ancestor of ``branch`` and the path between
-   them holds a parameterised op; adds nested inside another add's branch are not on the main stream;
-3. each branch is matched against a rule table (attention, FFN); a branch no rule claims, and any
-   linear left without a role, is reported in ``Structure.unclassified`` — never guessed;
+2. a *residual add* is ``add(h, branch)`` where ``h`` is an ancestor of ``branch`` (or, for a parallel
+   block's second branch, where the first branch's source is) and the path between them holds a
+   parameterised op; adds nested inside another add's branch are not on the main stream;
+3. each branch is matched against a rule table (attention, FFN), seen back through a branch-output norm
+   and a constant scale; an FFN's gate and up may be halves of one fused linear; a branch no rule
+   claims, and any linear left without a role, is reported in ``Structure.unclassified`` — never guessed;
 4. consecutive (attention, FFN) sublayers form blocks.
 
 Example:

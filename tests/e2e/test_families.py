@@ -47,20 +47,28 @@ NAMES = [
     if available(n)
 ]
 # Gaps the support matrix explains; each is a strict xfail, so a fix shows up as an unexpected pass.
+_NO_KV_CACHE = (
+    "HF writes this attention by hand (no SDPA: {}); the KV-cache transform needs "
+    "scaled_dot_product_attention"
+)
 KNOWN_GAPS = {
-    ("gemma2", "generate"): "HF Gemma-2 writes attention by hand (logit soft-capping, no SDPA); the "
-    "KV-cache transform needs scaled_dot_product_attention",
+    ("gemma2", "generate"): _NO_KV_CACHE.format("logit soft-capping"),
+    ("bloom", "generate"): _NO_KV_CACHE.format("ALiBi via baddbmm"),
+    ("mpt", "generate"): _NO_KV_CACHE.format("ALiBi"),
+    ("bloom", "elastic"): "heads are folded into the batch by a computed (not constant) reshape size",
 }
 
 
-def _gap(check: str) -> list:
-    """NAMES with a strict xfail on each family whose ``check`` is a known gap."""
+def _params(*checks: str) -> list:
+    """``(family, check)`` params: the family's skip mark, plus a strict xfail on a known gap."""
     out = []
     for param in NAMES:
-        name, marks = param.values[0], list(param.marks)
-        if (name, check) in KNOWN_GAPS:
-            marks.append(pytest.mark.xfail(reason=KNOWN_GAPS[name, check], strict=True, raises=UserError))
-        out.append(pytest.param(name, marks=marks))
+        name = param.values[0]
+        for check in checks:
+            marks = list(param.marks)
+            if (name, check) in KNOWN_GAPS:
+                marks.append(pytest.mark.xfail(reason=KNOWN_GAPS[name, check], strict=True, raises=UserError))
+            out.append(pytest.param(name, check, marks=marks, id=f"{check}-{name}"))
     return out
 
 
@@ -144,14 +152,13 @@ def test_analysis_classifies_every_block_linear(name: str, captured) -> None:
     assert structure.lm_head is not None
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("pass_name", list(PIPELINES))
+@pytest.mark.parametrize(("name", "pass_name"), _params(*PIPELINES, "prune-attn"))
 def test_pass_runs_and_onnx_matches_the_transformed_program(
-    name: str, pass_name: str, captured, tmp_path: Path
+    name: str, pass_name: str, captured, pruned, tmp_path: Path
 ) -> None:
     original = captured[name]
     try:
-        new = _run(original, PIPELINES[pass_name])
+        new = pruned[name] if pass_name == "prune-attn" else _run(original, PIPELINES[pass_name])
         diff = _ort_max_diff(new, tmp_path / "model.onnx", _ids(seq=11, batch=3))
     except Exception as err:
         _record(name, pass_name, False, _failure(err))
@@ -193,10 +200,10 @@ def test_attention_removal_equals_hf_with_the_attention_output_zeroed(name: str,
     assert gone >= owned
 
 
-@pytest.mark.parametrize("name", _gap("generate"))
+@pytest.mark.parametrize(("name", "check"), _params("generate"))
 @pytest.mark.parametrize("prune", [False, True], ids=["plain", "prune-attn"])
 def test_kv_cache_engine_greedy_equals_hf_without_cache(
-    name: str, prune: bool, captured, pruned, tmp_path: Path
+    name: str, check: str, prune: bool, captured, pruned, tmp_path: Path
 ) -> None:
     """Greedy ids of the compiled decoder vs HF without a cache; for the pruned model the decoder's prefill
     (empty past) is also the ONNX Runtime parity check of prune-attn."""
