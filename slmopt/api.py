@@ -158,6 +158,7 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
     program, loaded = load_program(model, calib=options.calib)
     # The bench can load the original again from its source (not when its inputs came from --calib).
     reloadable = isinstance(model, (str, Path)) and not loaded.example_from_calib
+    phases = {"load": time.perf_counter() - started}
     # The Program now holds the weights (sharing the loader's tensors): drop the eager module, or every
     # weight a pass replaces would stay alive through it — a second copy of the model during the passes.
     loaded.module = None
@@ -177,6 +178,7 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             artifact_dir=staging,
         )
         torch.manual_seed(options.seed)
+        mark = time.perf_counter()
         try:
             manager = PassManager(pipeline)
             params_before = program.num_params()
@@ -201,7 +203,9 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             params_before=params_before,
             params_after=transformed.num_params(),
             data=dict(data.notes),
+            phases=phases,
         )
+        phases["passes"] = time.perf_counter() - mark
         artifacts: dict[str, Path] = {}
         if not _reads_original_after_passes(options, reloadable):
             # Nothing compares against the original any more (the bench re-loads it from its source):
@@ -217,11 +221,15 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             replace_output(staging, out)
             artifacts = {name: out / folder for name, folder in folders.items()}
         elif staging is not None and out is not None:
+            mark = time.perf_counter()
             lowered = artifacts_module.lower_and_verify(program, transformed, loaded, data, options, report,
                                                         staging)  # fmt: skip
+            phases["lower_verify"] = time.perf_counter() - mark
             if not options.keep_program:
                 transformed = None  # written and verified: the bench needs only the files
+            mark = time.perf_counter()
             report.latency = bench_latency(program, staging, loaded, options)
+            phases["bench"] = time.perf_counter() - mark
             report.seconds = time.perf_counter() - started
             report.write(staging)
             replace_output(staging, out)

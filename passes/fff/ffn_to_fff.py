@@ -34,6 +34,7 @@ import slmopt.ops  # noqa: F401 - registers torch.ops.slmopt.fff
 from slmopt.analysis.analyze import analyze
 from slmopt.analysis.coverage import check_coverage
 from slmopt.analysis.structure import FFNInfo
+from slmopt.data.runner import PrefixCache
 from slmopt.passes.fff.convert import (
     PARTITION_FEATURES,
     DenseFFN,
@@ -205,11 +206,14 @@ class FFNToFFF(Pass):
         budget = math.inf if self.config.distill_seconds is None else self.config.distill_seconds
         rows: list[dict[str, Any]] = []
         dense_weights = read_weights = 0.0
+        # Layers are converted in graph order: each collection resumes where the previous one stopped
+        # (through the fff op just spliced in), so collecting costs one forward in all, not one per layer.
+        cache = PrefixCache()
         for k, ffn in enumerate(targets):
             shape = self._shape(ffn)
             dense = DenseFFN.from_program(program, ffn)
             x = collect_branch_inputs(
-                program, ffn.branch_input, calib, self.config.calib_tokens, ctx.seed + ffn.block
+                program, ffn.branch_input, calib, self.config.calib_tokens, ctx.seed + ffn.block, cache
             )
             share = budget / (len(targets) - k)  # unused time rolls over to later layers
             tree, detail = convert_ffn(
@@ -239,6 +243,7 @@ class FFNToFFF(Pass):
                 detail["local_loss_before"],
                 detail["local_loss_after"],
             )
+        cache.clear()
         program.lowering_hints["fff_lowering"] = self.config.lowering
         report.metrics["layers"] = rows
         report.metrics["coverage"] = self._coverage

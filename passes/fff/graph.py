@@ -21,7 +21,7 @@ from torch import fx
 
 import slmopt.ops  # noqa: F401 - registers torch.ops.slmopt.fff
 from slmopt import distributed
-from slmopt.data.runner import stream_activations
+from slmopt.data.runner import PrefixCache, stream_activations
 from slmopt.passes.fff.layer import OP_PARAMETERS
 
 if TYPE_CHECKING:
@@ -49,7 +49,12 @@ _ACT_OPS: dict[str, tuple[Any, dict[str, Any]]] = {
 
 
 def collect_branch_inputs(
-    program: Program, node: str, calib: torch.Tensor, max_tokens: int, seed: int = 0
+    program: Program,
+    node: str,
+    calib: torch.Tensor,
+    max_tokens: int,
+    seed: int = 0,
+    cache: PrefixCache | None = None,
 ) -> torch.Tensor:
     """Runs ``calib`` through ``program`` up to ``node``; returns up to ``max_tokens`` of its rows.
 
@@ -62,6 +67,8 @@ def collect_branch_inputs(
         calib: calibration inputs ``[n, ...]``.
         max_tokens: cap on the rows returned.
         seed: sampling seed.
+        cache: resume each batch from the previous collection's cut (same values, a fraction of the
+            work when nodes are collected in graph order); see :class:`~slmopt.data.runner.PrefixCache`.
 
     Returns:
         ``[T, h]`` float32 rows, ``T <= max_tokens``.
@@ -73,7 +80,7 @@ def collect_branch_inputs(
     # permutation, so the gathered rows equal the single-process sample exactly (and every rank fits the
     # same tree from them).
     first, stop = distributed.shard_bounds(len(calib), _BATCH)
-    mine = stream_activations(program, [node], distributed.shard_rows(calib, _BATCH), _BATCH)
+    mine = stream_activations(program, [node], distributed.shard_rows(calib, _BATCH), _BATCH, cache=cache)
     for start in range(0, len(calib), _BATCH):
         rows = None
         if first <= start < stop:
