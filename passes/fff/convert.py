@@ -287,12 +287,26 @@ PARTITION_FEATURES: dict[str, Callable[[DenseFFN, Tensor], Tensor]] = {
 }
 
 
-def _top_direction_scores(f: Tensor) -> Tensor:
-    """Projection of each (centred) row of ``f`` on the top principal direction."""
+def _top_direction_scores(f: Tensor, iters: int = 8, rank: int = 8) -> Tensor:
+    """Projection of each (centred) row of ``f`` on the top principal direction.
+
+    Seeded block power (subspace) iteration on ``f fᵀ``: ``iters · 2 · rank · k · F`` flops instead of the
+    ``k² · F`` of the full Gram matrix (at 1536 neurons x 8192 tokens: ~1.6 vs 39 GFLOP), and the
+    direction it finds matches the Gram matrix's top eigenvector up to sign (tests compare them).
+    """
     f = f - f.mean(0, keepdim=True)
-    gram = (f @ f.T).double()  # [k, k]: cheaper than an SVD of [k, F] when F = tokens
-    _, vecs = torch.linalg.eigh(gram)
-    return vecs[:, -1].float()
+    k = f.shape[0]
+    if k <= 4 * rank:  # small: the exact eigenvector is cheaper than the iteration
+        _, vecs = torch.linalg.eigh((f @ f.T).double())
+        return vecs[:, -1].float()
+    gen = torch.Generator().manual_seed(k)
+    q = torch.linalg.qr(f @ torch.randn(f.shape[1], rank, generator=gen)).Q  # [k, rank]
+    for _ in range(iters):
+        q = torch.linalg.qr(f @ (f.T @ q)).Q
+    # Rayleigh-Ritz in the subspace: the top eigenvector of qᵀ f fᵀ q, lifted back.
+    small = f.T @ q
+    _, vecs = torch.linalg.eigh((small.T @ small).double())
+    return (q.double() @ vecs[:, -1]).float()
 
 
 def _two_means_refine(f: Tensor, left: Tensor, iters: int = 8) -> Tensor:
@@ -300,8 +314,9 @@ def _two_means_refine(f: Tensor, left: Tensor, iters: int = 8) -> Tensor:
     k, half = f.shape[0], int(left.sum())
     for _ in range(iters):
         c_left, c_right = f[left].mean(0), f[~left].mean(0)
-        # Prefer-left score: how much closer a row is to the left centroid; the top `half` go left.
-        score = ((f - c_right) ** 2).sum(1) - ((f - c_left) ** 2).sum(1)
+        # Prefer-left score ‖f − c_R‖² − ‖f − c_L‖², expanded (one mat-vec, no [k, F] temporaries);
+        # the top `half` go left.
+        score = 2 * (f @ (c_left - c_right)) + (c_right @ c_right - c_left @ c_left)
         new = torch.zeros(k, dtype=torch.bool)
         new[torch.argsort(score, descending=True, stable=True)[:half]] = True
         if torch.equal(new, left):

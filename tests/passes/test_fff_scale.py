@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 import slmopt.passes.fff.ffn_to_fff  # noqa: F401 - registers the fff pass
 from slmopt.analysis.analyze import analyze
 from slmopt.data.runner import PrefixCache
-from slmopt.passes.fff.convert import DenseFFN, FFFTree
+from slmopt.passes.fff.convert import DenseFFN, FFFTree, _top_direction_scores
+from slmopt.passes.fff.fit import _solve_spd
 from slmopt.passes.fff.graph import collect_branch_inputs, replace_ffn
 from tests.models import capture_model, example_ids
 
@@ -46,3 +48,28 @@ def test_a_node_before_the_cut_runs_from_the_inputs() -> None:
     early = collect_branch_inputs(program, ffns[0].branch_input, calib, 10_000, 0, cache)
     assert cache.resumed == 0
     assert torch.equal(early, collect_branch_inputs(program, ffns[0].branch_input, calib, 10_000, 0))
+
+
+def test_top_direction_matches_numpy_svd() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # 300 "neurons" x 2000 "tokens" with a dominant direction (clear eigengap) plus noise.
+    f = torch.randn(300, 1, generator=gen) * 5 @ torch.randn(1, 2000, generator=gen)
+    f = f + torch.randn(300, 2000, generator=gen)
+    centred = (f - f.mean(0, keepdim=True)).double().numpy()
+    u = np.linalg.svd(centred, full_matrices=False)[0][:, 0]
+    got = _top_direction_scores(f).double().numpy()
+    cos = abs(got @ u) / np.linalg.norm(got) / np.linalg.norm(u)
+    assert cos > 0.9999
+
+
+def test_spd_solve_matches_numpy() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 50, generator=gen, dtype=torch.float64)
+    spd, b = (
+        a.T @ a + torch.eye(50, dtype=torch.float64),
+        torch.randn(50, 3, generator=gen, dtype=torch.float64),
+    )
+    assert np.allclose(_solve_spd(spd, b).numpy(), np.linalg.solve(spd.numpy(), b.numpy()), atol=1e-10)
+    indefinite = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    rhs = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(_solve_spd(indefinite, rhs), torch.tensor([1.0, -0.5, 1 / 3], dtype=torch.float64))
