@@ -82,7 +82,14 @@ def _solve_spd(a: Tensor, b: Tensor) -> Tensor:
         return torch.linalg.solve(a, b)
 
 
-def _fit_logistic(x: Tensor, target: Tensor, weight: Tensor, l2: float, iters: int) -> tuple[Tensor, Tensor]:
+def _fit_logistic(
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    l2: float,
+    iters: int,
+    init: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Cost-weighted L2 logistic regression ``P(right) = σ(w·x + b)`` by damped Newton; returns ``(w, b)``.
 
     Newton (IRLS) converges in a handful of ``[h+1, h+1]`` solves, far fewer passes over the tokens than
@@ -101,6 +108,13 @@ def _fit_logistic(x: Tensor, target: Tensor, weight: Tensor, l2: float, iters: i
         return (c * (F.softplus(z) - t * z)).sum() + 0.5 * (reg * w * w).sum()
 
     w = torch.zeros(xs.shape[1], dtype=torch.float64)
+    if init is not None:
+        # Warm start (the previous round's router, in standardised coordinates). The problem is convex
+        # with a unique optimum, so the start changes how many Newton steps it takes, not where it ends.
+        w[:-1] = init[0].double() * sd.double()
+        w[-1] = init[1].double() + (init[0].double() * mu.double()).sum()
+        if not loss_of(w) <= loss_of(torch.zeros_like(w)):
+            w.zero_()
     loss = loss_of(w)
     for _ in range(iters):
         p = torch.sigmoid(xs @ w)
@@ -165,7 +179,9 @@ def fit_routers(
                 node_w[n] = 0.0
                 node_b[n] = 1.0 if idx.numel() and bool(target[0]) else -1.0
                 continue
-            node_w[n], node_b[n] = _fit_logistic(x[idx], target, (left - right).abs(), l2, iters)
+            # Routers already fitted (a re-selection round) start their Newton steps from where they are.
+            init = (node_w[n], node_b[n]) if bool(node_w[n].any()) else None
+            node_w[n], node_b[n] = _fit_logistic(x[idx], target, (left - right).abs(), l2, iters, init)
         z = (x * node_w[at]).sum(-1) + node_b[at]
         at = 2 * at + 1 + (z > 0).long()
     return replace(tree, node_w=node_w, node_b=node_b)

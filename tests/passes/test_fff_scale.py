@@ -9,7 +9,7 @@ import slmopt.passes.fff.ffn_to_fff  # noqa: F401 - registers the fff pass
 from slmopt.analysis.analyze import analyze
 from slmopt.data.runner import PrefixCache
 from slmopt.passes.fff.convert import DenseFFN, FFFTree, _top_direction_scores
-from slmopt.passes.fff.fit import _solve_spd
+from slmopt.passes.fff.fit import _fit_logistic, _solve_spd
 from slmopt.passes.fff.graph import collect_branch_inputs, replace_ffn
 from tests.models import capture_model, example_ids
 
@@ -73,3 +73,24 @@ def test_spd_solve_matches_numpy() -> None:
     indefinite = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
     rhs = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
     assert torch.allclose(_solve_spd(indefinite, rhs), torch.tensor([1.0, -0.5, 1 / 3], dtype=torch.float64))
+
+
+def test_warm_started_router_fit_reaches_the_cold_optimum() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 6, generator=gen) * torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0, 1.0]) + 0.3
+    target = ((x @ torch.randn(6, generator=gen) + 0.3 * torch.randn(600, generator=gen)) > 0).float()
+    weight = torch.rand(600, generator=gen) + 0.1
+    cold = _fit_logistic(x, target, weight, 1e-3, 50)
+    warm = _fit_logistic(x, target, weight, 1e-3, 50, init=(cold[0] * 0.5 + 0.1, cold[1] - 0.2))
+    assert torch.allclose(cold[0], warm[0], atol=1e-4) and torch.allclose(cold[1], warm[1], atol=1e-4)
+    # Reference: the objective written out here (weighted logistic loss on standardised inputs, L2 on
+    # the weights only); its gradient vanishes at the returned (raw-coordinate) solution.
+    mu, sd = x.mean(0).double(), x.std(0).double()
+    xs, t = ((x.double() - mu) / sd), target.double()
+    c = (weight / weight.mean()).double() / len(x)
+    w = (warm[0].double() * sd).requires_grad_()
+    b = (warm[1].double() + (warm[0].double() * mu).sum()).requires_grad_()
+    z = xs @ w + b
+    loss = (c * (torch.nn.functional.softplus(z) - t * z)).sum() + 1e-3 * (w * w).sum()
+    loss.backward()
+    assert float(w.grad.abs().max()) < 1e-5 and float(b.grad.abs()) < 1e-5
