@@ -12,7 +12,7 @@ measurable on it (``benchmarks/fff_quality.py`` is the quality reference). The c
 would run it (``python -m slmopt.cli compile``, the CLI defaults: 64 calibration windows of 256 token ids,
 ONNX Runtime, parity check and latency bench on) in a child process; the peak RSS is the child's
 ``ru_maxrss``, cross-checked by polling ``/proc/<pid>/status`` VmHWM, and compared with 4x the fp32 size.
-Per-pass seconds come from the compile's ``report.json``; ``phases`` splits the rest (load, lower,
+Per-pass seconds come from the compile's ``report.json``; ``phase_seconds`` splits the rest (load, lower,
 verify, bench). Prints a table, then the JSON (also written to ``--json``).
 """
 
@@ -119,7 +119,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "wall_seconds": round(seconds, 1),
         "compile_seconds": round(report.get("seconds", 0.0), 1),
         "passes": passes,
-        "phases": {k: round(v, 1) for k, v in report.get("phases", {}).items()},
+        "phases": {k: round(v, 1) for k, v in report.get("phase_seconds", {}).items()},
         "fff_layers": [
             {k: r.get(k) for k in ("block", "steps", "seconds", "distill_seconds", "local_loss_after")}
             for r in (fff or {}).get("metrics", {}).get("layers", [])

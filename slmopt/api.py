@@ -203,7 +203,7 @@ def compile(  # noqa: A001 - the public name users expect: slmopt.compile
             params_before=params_before,
             params_after=transformed.num_params(),
             data=dict(data.notes),
-            phases=phases,
+            phase_seconds=phases,
         )
         phases["passes"] = time.perf_counter() - mark
         artifacts: dict[str, Path] = {}

@@ -49,7 +49,7 @@ class CompileReport:
     artifacts: dict[str, str] = field(default_factory=dict)
     lowering: dict[str, Any] = field(default_factory=dict)
     subnets: list[dict[str, Any]] = field(default_factory=list)  # fan-out runs: one row per subnet
-    phases: dict[str, float] = field(default_factory=dict)  # wall seconds: load, passes, lower, bench
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # wall seconds: load, passes, lower, bench
     seconds: float = 0.0
     versions: dict[str, str] = field(default_factory=tool_versions)
 

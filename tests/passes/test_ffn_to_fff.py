@@ -333,7 +333,7 @@ def test_compile_end_to_end_torch_backend(tmp_path) -> None:
     assert [row["depth"] for row in layers] == [2, 2]
     assert sum(n.target is torch.ops.slmopt.fff.default for n in result.program.graph.nodes) == 2
     # Phase timings (issue 14): every phase ran, they nest inside the total, the pass inside "passes".
-    phases = result.report.phases
+    phases = result.report.phase_seconds
     assert set(phases) == {"load", "passes", "lower_verify", "bench"}
     assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= result.report.seconds
     assert phases["passes"] >= result.report.passes[0]["seconds"]
