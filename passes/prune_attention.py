@@ -31,7 +31,7 @@ from torch import fx
 
 from slmopt import distributed
 from slmopt.analysis.analyze import analyze
-from slmopt.analysis.coverage import check_coverage
+from slmopt.analysis.coverage import RECOVERY_PREFIX, check_coverage
 from slmopt.analysis.structure import Structure
 from slmopt.data.metrics import cross_entropy_nats, predicted_tokens, summarize_quality
 from slmopt.data.runner import CALIB_BATCH, stream_activations
@@ -158,7 +158,7 @@ def _remove_sublayer(program: Program, sub: Sublayer, recovery: Recovery | None,
     dtype = stream.meta["val"].dtype if "val" in stream.meta else torch.float32
 
     def attr(name: str, value: torch.Tensor) -> fx.Node:
-        target = f"slmopt_recovery.{tag}_{name}"
+        target = f"{RECOVERY_PREFIX}{tag}_{name}"
         program.set_param(target, value.to(dtype))
         node = graph.get_attr(target)
         if mode is not None:

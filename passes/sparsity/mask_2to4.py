@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slmopt import analysis
-from slmopt.analysis.coverage import check_coverage
+from slmopt.analysis.coverage import check_coverage, coverage_text
 from slmopt.data.runner import CALIB_BATCH
 from slmopt.passes.sparsity.methods import PRUNE_METHODS, relative_output_error, relative_weight_error
 from slmopt.passes.sparsity.stats import InputStats, collect_input_stats, dataflow_groups
@@ -145,7 +145,8 @@ class Mask2to4(Pass):
                 f"roles present: {', '.join(roles)}"
             )
         plan = _Plan([])
-        coverage.update(covered=len(chosen), text=f"{len(chosen)}/{coverage['total']} block linears")
+        recovery = coverage.get("recovery_maps_left_alone", 0)
+        coverage.update(covered=len(chosen), text=coverage_text(len(chosen), coverage["total"], recovery))
         plan.coverage = coverage
         if cfg.include_lm_head:
             if structure.lm_head is None:

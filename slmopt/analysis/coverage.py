@@ -22,14 +22,32 @@ from slmopt.analysis.structure import Structure
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_coverage", "uncovered_linears"]
+__all__ = ["RECOVERY_PREFIX", "check_coverage", "coverage_text", "recovery_linears", "uncovered_linears"]
 
 _NAMED = 3  # weights named in the one-line error; the rest are counted
+# Parameters slmopt itself adds in place of a removed sublayer (a mean-output bias or a low-rank map fitted
+# on calibration data). They are not the model's block linears, so no pass is asked to cover them.
+RECOVERY_PREFIX = "slmopt_recovery."
+
+
+def recovery_linears(structure: Structure) -> list[str]:
+    """Weights of the low-rank recovery maps an earlier removal put into the residual stream."""
+    return [i.weight for i in structure.linears if i.weight.startswith(RECOVERY_PREFIX)]
+
+
+def coverage_text(covered: int, total: int, recovery: int = 0) -> str:
+    """The report's coverage line, e.g. ``"12/12 block linears (2 recovery-map linears left alone)"``."""
+    text = f"{covered}/{total} block linears"
+    return text + (f" ({recovery} recovery-map linears of removed sublayers left alone)" if recovery else "")
 
 
 def uncovered_linears(structure: Structure) -> list[str]:
     """Weights of linears analysis could not place in a block (the LM head is not a block linear)."""
-    return [i.weight for i in structure.linears if i.block is None and i.role == "other"]
+    return [
+        i.weight
+        for i in structure.linears
+        if i.block is None and i.role == "other" and not i.weight.startswith(RECOVERY_PREFIX)
+    ]
 
 
 def check_coverage(structure: Structure, pass_name: str, narrowed: bool) -> dict[str, Any]:
@@ -62,4 +80,9 @@ def check_coverage(structure: Structure, pass_name: str, narrowed: bool) -> dict
             f"{named}; `slmopt inspect MODEL` shows why, or narrow the pass with layers=/roles= to go on "
             "with the recognised blocks"
         )
-    return {"covered": covered, "total": total, "text": f"{covered}/{total} block linears"}
+    # Recovery maps are stated, not covered: the report shows what the pass left alone and why.
+    recovery = len(recovery_linears(structure))
+    result = {"covered": covered, "total": total, "text": coverage_text(covered, total, recovery)}
+    if recovery:
+        result["recovery_maps_left_alone"] = recovery
+    return result

@@ -10,6 +10,7 @@ from slmopt.errors import UserError
 from slmopt.loaders import load_program
 from slmopt.pipeline import PassContext, PassManager, parse_pipeline
 from tests.families import available, build_family
+from tests.helpers import captured, run_pipeline
 
 PLANTED = "tests.families:planted_unclassifiable"
 CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
@@ -56,3 +57,26 @@ def test_phi3_folder_masks_every_block_linear(tmp_path, capsys) -> None:
     code = main(["compile", str(model_dir), "--passes", "mask-2to4{method=magnitude}", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     assert "| 8/8 block linears |" in (out / "report.md").read_text()
+
+
+def test_recovery_maps_of_an_earlier_removal_are_left_alone_and_stated() -> None:
+    """prune-attn's low-rank stand-ins are slmopt's own linears, not the model's: mask-2to4 after it runs,
+    masks every model block linear 2:4, leaves the recovery maps dense and says so in its coverage."""
+    program = captured("llama")
+    spec = "prune-attn{remove=1,recover=lowrank,rank=4},mask-2to4{method=magnitude}"
+    _, new, reports = run_pipeline(program, spec, calib=torch.randint(0, 64, (8, 16)))
+    recovery = [name for name in new.graph_module.state_dict() if name.startswith("slmopt_recovery.")]
+    assert recovery, "the lowrank recovery must have added its maps"
+    coverage = reports[1].metrics["coverage"]
+    assert coverage["recovery_maps_left_alone"] == 2
+    assert "2 recovery-map linears of removed sublayers left alone" in coverage["text"]
+    for name, weight in new.graph_module.state_dict().items():
+        if name in recovery or weight.dim() != 2 or not name.startswith("model.layers."):
+            continue
+        groups = weight.reshape(weight.shape[0], -1, 4)  # along the input (reduction) axis
+        assert bool(((groups == 0).sum(-1) >= 2).all()), f"{name} is not 2:4"
+    assert all(
+        bool((new.graph_module.state_dict()[n] != 0).float().mean() > 0.9)
+        for n in recovery
+        if "bias" not in n
+    )
