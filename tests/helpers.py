@@ -71,3 +71,16 @@ def save_token_ids(path: Path, size: int | tuple[int, ...], seed: int = 0, vocab
     """Writes seeded random token ids (int64 ``.npy``) for ``--calib``/``--eval``; returns ``path``."""
     np.save(path, np.random.default_rng(seed).integers(0, vocab, size=size, dtype=np.int64))
     return path
+
+
+def hf_greedy(model: torch.nn.Module, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
+    """The reference for every generation test: Hugging Face greedy decoding with full recompute (no
+    cache), and the smallest top-1/top-2 logit gap it met (a near-tie makes an id comparison fragile)."""
+    gap = math.inf
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(ids, use_cache=False).logits[:, -1].float()
+            top = logits.topk(2, dim=-1).values
+            gap = min(gap, float((top[:, 0] - top[:, 1]).min()))
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids, gap

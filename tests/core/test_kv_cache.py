@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from pathlib import Path
 
 import onnx
@@ -21,7 +20,7 @@ from slmopt.generation.generate import Generator, TorchDecoder
 from slmopt.generation.kv_cache import add_kv_cache, attend_with_cache, empty_past
 from slmopt.loaders import load_program
 from slmopt.program import Program
-from tests.helpers import run_pipeline
+from tests.helpers import hf_greedy, run_pipeline
 from tests.models import build_model, capture_model, example_ids, zoo_config
 
 NEW_TOKENS = 32
@@ -83,18 +82,6 @@ def _program(name: str) -> Program:
     if name in _BUILDERS:
         return load_program(_model(name))[0]
     return capture_model(name)
-
-
-def _hf_greedy(model: torch.nn.Module, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
-    """Greedy decoding with full recompute (no cache); also returns the smallest top-1/top-2 gap."""
-    gap = math.inf
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(ids, use_cache=False).logits[:, -1].float()
-            top = logits.topk(2, dim=-1).values
-            gap = min(gap, float((top[:, 0] - top[:, 1]).min()))
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    return ids, gap
 
 
 def _program_greedy(program: Program, ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -162,7 +149,7 @@ def test_onnx_greedy_equals_hf_full_recompute(name: str, engines) -> None:
     model = _model(name)
     folder = engines(name)
     prompt = _prompt(model.config.vocab_size)
-    expected, gap = _hf_greedy(model, prompt, NEW_TOKENS)
+    expected, gap = hf_greedy(model, prompt, NEW_TOKENS)
     assert gap > 1e-4, f"near-tie in the reference (gap {gap:.2g}); pick another prompt"
     assert all(len(set(row[PROMPT:].tolist())) >= 4 for row in expected)  # not a degenerate repeat
     got = Generator.from_engine(folder, threads=1).generate(prompt, NEW_TOKENS, stop_at_eos=False)

@@ -9,7 +9,6 @@ attention. Windows are small (8 tokens) and generation runs well past them. Fami
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from slmopt.generation.kv_cache import add_kv_cache, attend_with_cache
 from slmopt.generation.window import attention_windows, probe_length, window_pattern
 from slmopt.loaders import load_program
 from slmopt.program import ModelInfo, Program, capture
+from tests.helpers import hf_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,7 +116,7 @@ def _prompt() -> torch.Tensor:
 
 @functools.cache
 def _expected(name: str) -> torch.Tensor:
-    expected, gap = _hf_greedy(_model(name), _prompt(), NEW_TOKENS)
+    expected, gap = hf_greedy(_model(name), _prompt(), NEW_TOKENS)
     assert gap > 1e-4, f"near-tie in the reference (gap {gap:.2g}); pick another prompt"
     assert all(len(set(row[PROMPT + WINDOW :].tolist())) >= 4 for row in expected)  # not a repeat
     return expected
@@ -126,18 +126,6 @@ def _expected_windows(model: torch.nn.Module) -> list[int | None]:
     cfg = model.config
     types = getattr(cfg, "layer_types", None) or ["sliding_attention"] * cfg.num_hidden_layers
     return [cfg.sliding_window if t == "sliding_attention" else None for t in types]
-
-
-def _hf_greedy(model: torch.nn.Module, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
-    """Greedy decoding with full recompute (no cache); also returns the smallest top-1/top-2 gap."""
-    gap = math.inf
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(ids, use_cache=False).logits[:, -1].float()
-            top = logits.topk(2, dim=-1).values
-            gap = min(gap, float((top[:, 0] - top[:, 1]).min()))
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    return ids, gap
 
 
 def test_window_pattern_and_windowed_attention_match_hand_written_softmax() -> None:

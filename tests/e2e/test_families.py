@@ -33,6 +33,7 @@ from slmopt.passes.fff.convert import DenseFFN
 from slmopt.pipeline import PassContext, PassManager, parse_pipeline
 from slmopt.program import Program
 from tests.families import FAMILIES, available, build_family, capture_family
+from tests.helpers import hf_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -212,7 +213,7 @@ def test_kv_cache_engine_greedy_equals_hf_without_cache(
     except Exception as err:
         _record(name, "generate", False, _failure(err))
         raise
-    expected = _hf_greedy(_hooked(name, 1) if prune else build_family(name), prompt, NEW_TOKENS)
+    expected, _ = hf_greedy(_hooked(name, 1) if prune else build_family(name), prompt, NEW_TOKENS)
     same = bool(torch.equal(got, expected))
     _record(name, "generate", same, "greedy ids vs HF without cache")
     assert torch.equal(got, expected)
@@ -235,14 +236,6 @@ def _hooked(name: str, layer: int) -> torch.nn.Module:
 
     attention.register_forward_hook(zero)
     return model
-
-
-def _hf_greedy(model: torch.nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(ids, use_cache=False).logits[:, -1]
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    return ids
 
 
 def _expect_phi3(s) -> None:  # one gate_up weight, read as two paired halves
