@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peak_memory import _vm_hwm_kib  # benchmarks/ (the script's folder): one /proc peak-RSS reader
 
 __all__ = ["SMOLLM2_135M", "build_model_dir", "main", "measure", "table"]
 
@@ -65,16 +66,6 @@ def build_model_dir(folder: Path, layers: int, seed: int = 0) -> int:
     model.save_pretrained(folder, safe_serialization=True)
     # Tied embeddings are stored once: count unique parameters (what the fp32 file holds).
     return sum(p.numel() for p in model.parameters())
-
-
-def _vm_hwm_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
