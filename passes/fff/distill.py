@@ -10,7 +10,10 @@ are products of ``σ(±z/τ)`` along the path; ``τ`` anneals geometrically from
 the soft phase. The last :data:`_HARD_SHARE` of the steps is a straight-through hard phase: the loss
 *value* (and the leaves' gradient) is the routed leaf's error only, while the routers keep the soft
 gradient. The checkpoint best on a selection split (hard routing) is returned, so distillation never
-makes that split's error worse. Under ``torch.distributed`` training is data-parallel (each rank's share
+makes that split's error worse, and training stops early once that split's error has stopped improving
+(less than :data:`_MIN_GAIN` over :data:`_PATIENCE` checks). With ``precision="bfloat16"`` the leaves'
+matmuls run under bf16 autocast (fp32 master weights, Adam and loss; routing logits stay fp32, so the
+hard routing decisions are those of inference). Under ``torch.distributed`` training is data-parallel (each rank's share
 of every minibatch, gradients summed, stop decisions from rank 0), so the ranks' trees stay identical.
 (On tinylm, depth 3, block 3: 150 steps gave 0.0554 expected vs 0.0566
 mixture.)
@@ -37,7 +40,7 @@ from slmopt.ops import ACTIVATIONS
 from slmopt.passes.fff.convert import DenseFFN, FFFTree, relative_mse
 from slmopt.passes.fff.layer import FFF
 
-__all__ = ["OBJECTIVES", "distill_tree"]
+__all__ = ["OBJECTIVES", "PRECISIONS", "distill_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,12 @@ _BATCH = 1024  # tokens per step
 _TAU_END = 0.05  # final soft temperature (relative to the routers' own logit scale)
 _HARD_SHARE = 0.3  # last share of the steps trained with straight-through hard routing
 _EVAL_EVERY = 25  # steps between held-out checks (the best checkpoint is kept)
+# Early stop: the best selection-split error improved by less than _MIN_GAIN (relative) over the last
+# _PATIENCE checks. On the reference tinylm every layer still gains >= 1.0 % per 75 steps at step 300
+# (docs/BENCHMARKS.md), so it never stops there; layers the closed-form fit already nails stop at 75 steps.
+_PATIENCE = 3
+_MIN_GAIN = 0.005
+PRECISIONS = ("float32", "bfloat16")
 
 _LEAF_FIELDS = ("node_w", "node_b", "leaf_w1", "leaf_b1", "leaf_wg", "leaf_bg", "leaf_w2", "leaf_b2")
 _SHARED_FIELDS = ("w1", "b1", "wg", "bg", "w2")
@@ -103,8 +112,10 @@ class _Shared(nn.Module):
 def _expected_error(layer: FFF, x: Tensor, target: Tensor, hard: bool) -> Tensor:
     """``Σ_e p_e ‖target − leaf_e(x)‖²`` per token (straight-through hard routing when ``hard``)."""
     params = {k: getattr(layer, k) for k in _LEAF_FIELDS}
-    err = ((target[:, None, :] - _all_leaf_outputs(params, x, layer.activation)) ** 2).sum(-1)
-    z = F.linear(x, layer.node_w, layer.node_b)
+    out = _all_leaf_outputs(params, x, layer.activation).float()  # fp32 error even under bf16 autocast
+    err = ((target[:, None, :] - out) ** 2).sum(-1)
+    with torch.autocast("cpu", enabled=False):  # routing decisions exactly as at inference
+        z = F.linear(x, layer.node_w, layer.node_b)
     probs = _path_log_probs(z, layer.levels, max(layer.temperature, 1e-6)).exp()
     if hard:
         # The value and the leaves' gradient come from the routed leaf only; routers keep the soft one.
@@ -143,6 +154,13 @@ def _tree_from(tree: FFFTree, layer: FFF, shared: _Shared | None) -> FFFTree:
     return replace(tree, shared=dense, **leaves)
 
 
+def _stalled(best: list[float]) -> bool:
+    """True when the best error gained less than :data:`_MIN_GAIN` (relative) over :data:`_PATIENCE` checks."""
+    if len(best) <= _PATIENCE or not math.isfinite(best[-1 - _PATIENCE]):
+        return False
+    return best[-1] >= (1.0 - _MIN_GAIN) * best[-1 - _PATIENCE]
+
+
 def distill_tree(
     tree: FFFTree,
     x: Tensor,
@@ -156,6 +174,7 @@ def distill_tree(
     progress: bool = False,
     desc: str = "fff distill",
     objective: str = "expected",
+    precision: str = "float32",
 ) -> tuple[FFFTree, int]:
     """Trains ``tree`` (routers, leaves, shared neurons) as an :class:`~slmopt.passes.fff.layer.FFF` to reproduce ``y``.
 
@@ -170,6 +189,7 @@ def distill_tree(
         progress: show a tqdm bar.
         desc: bar label.
         objective: a key of :data:`OBJECTIVES`.
+        precision: a :data:`PRECISIONS` name: the dtype of the leaves' matmuls (autocast).
 
     Returns:
         ``(tree, steps_run)``.
@@ -178,6 +198,8 @@ def distill_tree(
     if steps <= 0 or distributed.rank0_decides(seconds <= 0):
         return tree, 0
     loss_fn = OBJECTIVES[objective]
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     gen = torch.Generator().manual_seed(seed)
     layer = FFF.from_tensors(
         tree.node_w,
@@ -193,7 +215,7 @@ def distill_tree(
     soft_steps = max(1, int(steps * (1 - _HARD_SHARE)))
     scale = (y**2).sum(1).mean().clamp_min(1e-12)  # loss in units of ‖y‖²: one lr for every layer
     best_tree, best_val = tree, relative_mse(tree(x_val), y_val) if x_val is not None else math.inf
-    started, done = time.perf_counter(), 0
+    started, done, checks = time.perf_counter(), 0, [best_val]
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
     with torch.enable_grad():
         for step in range(steps):
@@ -213,7 +235,8 @@ def distill_tree(
             xb, yb = x[mine], y[mine]
             if shared is not None:
                 yb = yb - shared(xb)
-            loss = loss_fn(layer, xb, yb, hard).sum() / (len(idx) * scale)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                loss = loss_fn(layer, xb, yb, hard).sum() / (len(idx) * scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             distributed.sum_gradients(params)
@@ -227,6 +250,10 @@ def distill_tree(
                 if val < best_val:
                     best_tree, best_val = cand, val
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", val=f"{val:.4f}")
+                log.debug("%s: step %d, selection-split error %.5f", desc, done, val)
+                checks.append(best_val)
+                if distributed.rank0_decides(_stalled(checks)):
+                    break
     bar.close()
     if x_val is None:
         best_tree = _tree_from(tree, layer, shared)

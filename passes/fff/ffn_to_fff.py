@@ -45,7 +45,7 @@ from slmopt.passes.fff.convert import (
     neuron_importance,
     relative_mse,
 )
-from slmopt.passes.fff.distill import distill_tree
+from slmopt.passes.fff.distill import PRECISIONS, distill_tree
 from slmopt.passes.fff.fit import LEAF_REFITS, fit_routers, refit_leaves, reselect_leaves, router_accuracy
 from slmopt.passes.fff.graph import collect_branch_inputs, replace_ffn
 from slmopt.pipeline.pass_base import Change, Pass, PassResult, register_pass
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from slmopt.pipeline.manager import PassContext
     from slmopt.program import Program
 
-__all__ = ["FFNToFFF", "TreeShape", "convert_ffn"]
+__all__ = ["FFNToFFF", "TreeShape", "convert_ffn", "distill_precision", "native_bf16"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ _HELDOUT = 0.1  # share of the collected tokens kept out of fitting to measure t
 _RESELECT_ROUNDS = 3
 _SELECT = 0.05  # share used to choose between fitted stages and distillation checkpoints
 _PARTITION_TOKENS = 8192  # co-activation profiles: more tokens change the split little and cost O(T)
+# bf16 distillation pays only on large matmuls: at tinylm's 512 x 192 a step is overhead-bound and bf16 is
+# no faster; at SmolLM2-135M's 1536 x 576 it is ~3x faster (docs/BENCHMARKS.md, issue 14).
+_BF16_MIN_WEIGHTS = 1 << 18
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -120,6 +123,14 @@ class FFNToFFF(Pass):
             },
         )
         lr: float = field(default=1e-3, metadata={"help": "distillation learning rate (Adam)"})
+        distill_precision: Literal["auto", "float32", "bfloat16"] = field(
+            default="auto",
+            metadata={
+                "help": "dtype of the distillation matmuls; auto = bfloat16 where the CPU multiplies it "
+                f"natively (AMX / AVX512-BF16) and the FFN has >= {_BF16_MIN_WEIGHTS} weights per matrix, "
+                "else float32"
+            },
+        )
         lowering: Literal["moe", "ops", "plugin"] = field(
             default="moe", metadata={"help": "backend lowering hint for the fff op"}
         )
@@ -147,6 +158,7 @@ class FFNToFFF(Pass):
             _check_choice("partition", self.partition, tuple(PARTITION_FEATURES))
             _check_choice("refit", self.refit, (*LEAF_REFITS, "none"))
             _check_choice("lowering", self.lowering, ("moe", "ops", "plugin"))
+            _check_choice("distill_precision", self.distill_precision, ("auto", *PRECISIONS))
             _check_choice("form", self.form, ("tree",))
 
     # ------------------------------------------------------------------------------------ checks
@@ -259,6 +271,31 @@ class FFNToFFF(Pass):
                 raise AssertionError(f"fff: node {node.name} has no tensor input")
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16), so bf16 autocast pays.
+
+    Example:
+        >>> isinstance(native_bf16(), bool)
+        True
+    """
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def distill_precision(config_value: str, dense: DenseFFN) -> str:
+    """Resolves ``distill_precision=auto`` for one FFN (see the Config help).
+
+    Example:
+        >>> import torch
+        >>> distill_precision("float32", DenseFFN(w1=torch.zeros(4, 2), w2=torch.zeros(4, 2), activation="relu"))
+        'float32'
+    """
+    if config_value != "auto":
+        return config_value
+    large = dense.width * dense.hidden_size >= _BF16_MIN_WEIGHTS
+    return "bfloat16" if large and native_bf16() else "float32"
+
+
 def convert_ffn(
     dense: DenseFFN,
     x: torch.Tensor,
@@ -330,6 +367,7 @@ def convert_ffn(
         progress=progress,
         desc=desc,
         objective=objective,
+        precision=distill_precision(config.distill_precision, dense),
     )
     distill_seconds = time.perf_counter() - distill_started
     with torch.no_grad():
@@ -349,6 +387,7 @@ def convert_ffn(
         "steps": steps,
         "seconds": round(time.perf_counter() - started, 3),
         "distill_seconds": round(distill_seconds, 3),
+        "distill_precision": distill_precision(config.distill_precision, dense),
         "partition": config.partition,
         "router_accuracy": accuracy,
         "tokens": int(x.shape[0]),

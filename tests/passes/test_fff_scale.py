@@ -94,3 +94,70 @@ def test_warm_started_router_fit_reaches_the_cold_optimum() -> None:
     loss = (c * (torch.nn.functional.softplus(z) - t * z)).sum() + 1e-3 * (w * w).sum()
     loss.backward()
     assert float(w.grad.abs().max()) < 1e-5 and float(b.grad.abs()) < 1e-5
+
+
+def _fitted_problem(seed: int = 0):
+    """A small gated FFN, a tree cut from it with fitted routers, and its calibration inputs/targets."""
+    from slmopt.passes.fff.fit import fit_routers
+
+    gen = torch.Generator().manual_seed(seed)
+    dense = DenseFFN(
+        w1=torch.randn(32, 16, generator=gen) * 0.3,
+        wg=torch.randn(32, 16, generator=gen) * 0.3,
+        w2=torch.randn(32, 16, generator=gen) * 0.3,
+        activation="silu",
+    )
+    x = torch.randn(2048, 16, generator=gen)
+    y = dense(x)
+    tree = fit_routers(FFFTree.from_dense(dense, torch.arange(32).reshape(4, 8)), x, y)
+    return tree, x, y
+
+
+def _rel_mse(tree: FFFTree, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(((tree(x) - y) ** 2).sum() / (y**2).sum())  # independent of convert.relative_mse
+
+
+def test_bf16_distillation_improves_the_hard_routed_error_like_fp32() -> None:
+    from slmopt.passes.fff.distill import distill_tree
+
+    tree, x, y = _fitted_problem()
+    start = _rel_mse(tree, x[:256], y[:256])
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        out, steps = distill_tree(
+            tree, x[256:], y[256:], steps=100, seconds=1e9, lr=3e-3, x_val=x[:256], y_val=y[:256],
+            precision=precision,
+        )  # fmt: skip
+        results[precision] = _rel_mse(out, x[:256], y[:256])
+        assert out.leaf_w1.dtype == torch.float32  # master weights stay fp32
+    assert results["float32"] < 0.9 * start
+    assert results["bfloat16"] < 0.9 * start
+    assert abs(results["bfloat16"] - results["float32"]) < 0.25 * results["float32"]
+
+
+def test_distillation_stops_once_the_selection_error_stalls() -> None:
+    from slmopt.passes.fff.distill import _PATIENCE, _stalled, distill_tree
+
+    assert not _stalled([1.0, 0.9, 0.8, 0.7])  # still gaining 30 %
+    assert _stalled([1.0, 0.999, 0.998, 0.998])  # 0.2 % over _PATIENCE checks
+    assert not _stalled([1.0, 1.0, 1.0])  # fewer checks than the patience: keep going
+    # A tree that is already exact (the targets are its own outputs) cannot improve: it stops after
+    # _PATIENCE checks of 25 steps instead of running all 300.
+    tree, x, _ = _fitted_problem(1)
+    y = tree(x)
+    _, steps = distill_tree(tree, x, y, steps=300, seconds=1e9, lr=1e-3, x_val=x[:256], y_val=y[:256])
+    assert steps == 25 * _PATIENCE
+
+
+def test_auto_precision_is_bf16_only_for_large_ffns_on_native_bf16(monkeypatch) -> None:
+    import slmopt.passes.fff.ffn_to_fff as ffn_to_fff
+
+    small = DenseFFN(w1=torch.zeros(512, 192), w2=torch.zeros(512, 192), activation="relu")  # tinylm
+    large = DenseFFN(w1=torch.zeros(1536, 576), w2=torch.zeros(1536, 576), activation="relu")  # 135M
+    monkeypatch.setattr(ffn_to_fff, "native_bf16", lambda: True)
+    assert ffn_to_fff.distill_precision("auto", small) == "float32"
+    assert ffn_to_fff.distill_precision("auto", large) == "bfloat16"
+    assert ffn_to_fff.distill_precision("float32", large) == "float32"
+    monkeypatch.setattr(ffn_to_fff, "native_bf16", lambda: False)
+    assert ffn_to_fff.distill_precision("auto", large) == "float32"
+    assert ffn_to_fff.distill_precision("bfloat16", small) == "bfloat16"
