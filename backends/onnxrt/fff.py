@@ -15,7 +15,10 @@ The FFF pass sets ``program.lowering_hints["fff_lowering"]``; the onnxruntime ba
 * ``plugin`` — one ``slmopt::SlmoptFFF`` node as specified in :mod:`slmopt.backends.fff_spec` (TensorRT plugin;
   ORT cannot run it).
 
-Routing (both ``ops`` and ``moe``) has two forms, chosen by ``fff_routing`` (default ``auto``):
+Routing has three forms, chosen by ``fff_routing`` (default ``auto``). ``path`` (``moe`` only, the ``auto``
+choice for trees of at most :data:`DENSE_ROUTING_MAX_NODES` nodes without node terms) feeds MoE its
+``router_probs`` in 4 ops whatever the depth: Gemm (node logits), Greater, Where(±s), MatMul with the
+constant :func:`path_matrix`. Where a leaf index or node terms are needed (``ops``, UltraFastBERT):
 ``dense`` computes all ``N`` node logits with one Gemm and then costs 3 ops per level (GatherElements of
 the precomputed step, ``n + n``, ``+ step``); ``gather`` reads only the ``L`` visited rows and costs 7 ops
 per level. ``auto`` takes ``dense`` for trees of at most :data:`DENSE_ROUTING_MAX_NODES` nodes, where
@@ -177,13 +180,61 @@ def _route_gather(f: _FFF, need_z: bool) -> _Route:
 
 
 _ROUTERS: dict[str, Callable[[_FFF, bool], _Route]] = {"dense": _route_dense, "gather": _route_gather}
+# ``path`` builds MoE's router_probs without a leaf index (see _path_router), so it is not in _ROUTERS.
+ROUTING_MODES = ("auto", *_ROUTERS, "path")
+
+
+def _routing_mode(f: _FFF) -> str:
+    """The routing form for this node; ``path`` only where MoE consumes the router (no node terms)."""
+    mode = f.hints.get("fff_routing", "auto")  # (make() has validated the name)
+    small = f.spec.num_nodes <= DENSE_ROUTING_MAX_NODES
+    if mode == "auto":
+        mode = "path" if small else "gather"
+    if mode == "path" and (f.spec.has_node_out or not small):
+        # Node terms need each level's (n_k, z_k); a [N, E] path matrix of a 4095-node tree is 64 MiB.
+        mode = "dense" if small else "gather"
+    return mode
 
 
 def _route(f: _FFF, need_z: bool) -> _Route:
-    mode = f.hints.get("fff_routing", "auto")
-    if mode == "auto":  # (make() has validated the name)
-        mode = "dense" if f.spec.num_nodes <= DENSE_ROUTING_MAX_NODES else "gather"
-    return _ROUTERS[mode](f, need_z)
+    mode = _routing_mode(f)
+    return _ROUTERS["dense" if mode == "path" else mode](f, need_z)
+
+
+def path_matrix(levels: int) -> np.ndarray:
+    """``[N, E]``: +1 where leaf e's path goes right at node n, -1 where it goes left, 0 off its path.
+
+    ``sign(z) @ path_matrix`` is ``levels`` at the leaf every node decision points to, and at most
+    ``levels - 2`` at any other leaf (the first node where the paths part counts -1 instead of +1).
+
+    Example:
+        >>> path_matrix(1).tolist()
+        [[-1.0, 1.0]]
+    """
+    nodes, leaves = 2**levels - 1, 2**levels
+    matrix = np.zeros((nodes, leaves), np.float32)
+    for leaf in range(leaves):
+        n = 0
+        for level in range(levels):
+            right = (leaf >> (levels - 1 - level)) & 1  # heap order: leaf bits, most significant first
+            matrix[n, leaf] = 1.0 if right else -1.0
+            n = 2 * n + 1 + right
+    return matrix
+
+
+# Scale of the path scores: the reached leaf beats every other by >= 2·PATH_SCALE = 64 logits, so MoE's
+# softmax gives it exp(0) / (1 + E·exp(-64)) == 1.0 exactly in float32/16; levels · 32 <= 256 fits fp16.
+PATH_SCALE = 32.0
+
+
+def _path_router(f: _FFF) -> ir.Value:
+    """``router_probs [T, E]`` in 4 ops: Gemm (all node logits), Greater, Where(±s), MatMul(path matrix).
+
+    ``Greater`` keeps the reference's tie rule: z == 0 goes left (-s), exactly as ``z > 0 goes right``.
+    """
+    logits = op.Gemm(f.view(-1, f.hidden), f.w["node_w"], f.w["node_b"], transB=1)  # [T, N]
+    sign = op.Where(op.Greater(logits, f.const(0.0)), f.const(PATH_SCALE), f.const(-PATH_SCALE))
+    return op.MatMul(sign, f.const(path_matrix(f.spec.levels)))
 
 
 def _node_outputs(f: _FFF, route: _Route) -> ir.Value:
@@ -269,14 +320,17 @@ def _interleave(a: ir.Value, b: ir.Value, shape: tuple[int, ...]) -> ir.Value:
     return op.Reshape(op.Concat(op.Unsqueeze(a, axis), op.Unsqueeze(b, axis), axis=2), _ints(*shape))
 
 
-def _leaves_moe(f: _FFF, route: _Route) -> ir.Value:
+def _leaves_moe(f: _FFF, route: _Route | None) -> ir.Value:
     """The reached leaf via ``com.microsoft::MoE`` (k=1, router 0 at the leaf, -inf elsewhere)."""
     e, w, h = f.spec.num_leaves, f.spec.leaf_width, f.hidden
     activation_type, exact = MOE_ACTIVATIONS[(f.spec.activation, f.spec.gated)]
     if not exact:
         logger.info("slmopt::fff -> MoE: %s leaves use MoE's tanh GELU (|err| ≲ 5e-4)", f.spec.activation)
-    leaf_ids = f.const(np.arange(f.spec.num_nodes, f.spec.num_nodes + e), np.int64)
-    router = op.Where(op.Equal(route.node, leaf_ids), f.const(0.0), f.const(-np.inf))  # [T, E]
+    if route is None:  # path routing: scores straight from the node logits
+        router = _path_router(f)
+    else:
+        leaf_ids = f.const(np.arange(f.spec.num_nodes, f.spec.num_nodes + e), np.int64)
+        router = op.Where(op.Equal(route.node, leaf_ids), f.const(0.0), f.const(-np.inf))  # [T, E]
     fc1, fc1_bias, attrs = f.w["leaf_w1"], f.w["leaf_b1"], {}
     if f.spec.gated:
         fc1 = _interleave(f.w["leaf_wg"], fc1, (e, 2 * w, h))
@@ -287,7 +341,7 @@ def _leaves_moe(f: _FFF, route: _Route) -> ir.Value:
         attrs = {"swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
     fc2 = op.Transpose(f.w["leaf_w2"], perm=[0, 2, 1])  # [E, h, l]; folded into a constant by ORT
     return _moe_op()(
-        f.view(-1, 1, h),  # [T, 1, h]: MoE takes 3-D input as batch × sequence rows
+        f.view(-1, h),  # [T, h]: the rows the router scored (one view shared with the routing Gemm)
         router,
         fc1,
         fc1_bias,
@@ -320,6 +374,8 @@ def _lower_moe(f: _FFF) -> ir.Value:
     if blocker is not None:
         logger.warning("slmopt::fff cannot lower to com.microsoft.MoE (%s); using standard ops", blocker)
         return _lower_ops(f)
+    if _routing_mode(f) == "path":  # no leaf index, no node terms: router scores feed MoE directly
+        return op.Reshape(_leaves_moe(f, None), op.Shape(f.x))
     return _tree(f, _leaves_moe)
 
 
@@ -342,8 +398,8 @@ def _check_hints(hints: dict[str, Any]) -> str:
     if mode not in LOWERINGS:
         raise ValueError(f"unknown fff_lowering {mode!r}; valid choices: {', '.join(LOWERINGS)}")
     routing = hints.get("fff_routing", "auto")
-    if routing != "auto" and routing not in _ROUTERS:
-        raise ValueError(f"unknown fff_routing {routing!r}; valid choices: auto, {', '.join(_ROUTERS)}")
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"unknown fff_routing {routing!r}; valid choices: {', '.join(ROUTING_MODES)}")
     return mode
 
 

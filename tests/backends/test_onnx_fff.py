@@ -272,6 +272,71 @@ def test_moe_routing_op_count_per_level(routing: str) -> None:
     assert sum(n.op_type == "MoE" for n in model.graph.node) == 2
 
 
+def _ops_per_fff(model: onnx.ModelProto) -> list[int]:
+    per_op = collections.Counter()
+    for node in model.graph.node:
+        per_op[{p.key: p.value for p in node.metadata_props}["pkg.torch.onnx.name_scopes"]] += 1
+    return sorted(per_op.values())
+
+
+def test_moe_path_routing_is_constant_op_count() -> None:
+    """The default MoE routing: Gemm, Greater, Where, MatMul whatever the depth (no per-level ops)."""
+    cfgs = {"l2": Cfg("silu", gated=True, levels=2), "l4": Cfg("silu", gated=True, levels=4)}
+    module = FFFStack(cfgs, chain=True)
+    model = export(module, {"fff_lowering": "moe"})
+    # Per fff: Reshape in, Gemm, Greater, Where, MatMul, MoE, Shape + Reshape out (the exporter folds
+    # the swiglu interleave of the weights into constants).
+    assert _ops_per_fff(model) == [8, 8]
+    kinds = collections.Counter(n.op_type for n in model.graph.node)
+    assert kinds["MoE"] == kinds["Gemm"] == kinds["MatMul"] == kinds["Greater"] == 2
+    x = torch.randn(1, 9, H, generator=torch.Generator().manual_seed(5))
+    outs = session(model).run(None, {"x": x.numpy()})
+    p2, p4 = module.params["l2"], module.params["l4"]
+    y2 = loop_reference(x, p2, "silu")
+    mask = onnx_fff.routing_margin_mask(x, p2["node_w"], p2["node_b"])  # type: ignore[arg-type]
+    mask &= onnx_fff.routing_margin_mask(y2, p4["node_w"], p4["node_b"])  # type: ignore[arg-type]
+    assert mask.any()
+    want = loop_reference(y2, p4, "silu")
+    torch.testing.assert_close(torch.from_numpy(outs[1])[mask], want[mask], atol=OPS_TOL, rtol=OPS_TOL)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3, 5, 8])
+def test_path_matrix_puts_the_reached_leaf_two_ahead(levels: int) -> None:
+    """sign(z) @ path_matrix: the heap walk's leaf scores ``levels``, every other leaf <= levels - 2."""
+    matrix = onnx_fff.path_matrix(levels)
+    nodes = 2**levels - 1
+    signs = np.random.default_rng(levels).choice([-1.0, 1.0], size=(64, nodes)).astype(np.float32)
+    scores = signs @ matrix
+    for row, score in zip(signs, scores, strict=True):
+        n = 0
+        while n < nodes:
+            n = 2 * n + 1 + int(row[n] > 0)
+        leaf = n - nodes
+        assert score[leaf] == levels
+        assert np.delete(score, leaf).max() <= levels - 2
+
+
+@pytest.mark.parametrize("cfg", [Cfg("silu", gated=True), Cfg("relu", biases=False)], ids=["swiglu", "relu"])
+def test_moe_path_routing_sends_zero_logits_left(cfg: Cfg) -> None:
+    """z == 0 exactly must go left, as in the reference (``z > 0`` goes right): no near-tie masking here."""
+    module = FFFStack({"f": cfg})
+    p = module.params["f"]
+    assert p["node_w"] is not None and p["node_b"] is not None
+    with torch.no_grad():
+        # Root and its left child ignore x with zero bias (z == 0 → left, twice); the rest route on x.
+        p["node_w"][:2] = 0.0
+        p["node_b"][:2] = 0.0
+        module.holders["f"].node_w.copy_(p["node_w"])
+        module.holders["f"].node_b.copy_(p["node_b"])
+    model = export(module, {"fff_lowering": "moe", "fff_routing": "path"})
+    x = torch.randn(1, 40, H, generator=torch.Generator().manual_seed(11))
+    got = torch.from_numpy(session(model).run(None, {"x": x.numpy()})[0])
+    want = loop_reference(x, p, cfg.activation)
+    margin = (x.reshape(-1, H) @ p["node_w"][3] + p["node_b"][3]).abs() > 1e-4  # node 3 decides the leaf
+    torch.testing.assert_close(got.reshape(-1, H)[margin], want.reshape(-1, H)[margin], atol=OPS_TOL, rtol=0)
+    assert margin.float().mean() > 0.9
+
+
 def test_moe_exact_hint_keeps_erf_gelu_on_standard_ops(caplog: pytest.LogCaptureFixture) -> None:
     module = FFFStack({"gelu": CONFIGS["gelu"]})
     with caplog.at_level(logging.WARNING, logger=LOGGER):
