@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from slmopt.lowering import Engine
+from slmopt.memory import release_freed_memory
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -69,7 +70,13 @@ def make_session(
             )
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+    # Opening a session folds constant subgraphs (an FFF leaf's gate/up interleave, a transposed tied
+    # embedding) and pre-packs MatMul weights; the inputs and intermediates of that work are freed into
+    # glibc's heap, which keeps them resident: 0.44 GB on a 135M-parameter FFF model, whose session
+    # needs only 0.42 GB itself. Returning them now keeps them from sitting under the next session.
+    release_freed_memory()
+    return session
 
 
 class OnnxRuntimeEngine(Engine):
