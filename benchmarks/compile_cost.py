@@ -70,7 +70,7 @@ def build_model_dir(folder: Path, layers: int, seed: int = 0) -> int:
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Builds the model, runs the compile in a child process and returns the figures."""
-    model_dir, out = workdir / "model", workdir / "out"
+    model_dir, out = workdir / "model", Path(args.out) if args.out else workdir / "out"
     params = build_model_dir(model_dir, args.layers)
     calib = workdir / "calib.npy"
     ids = np.random.default_rng(0).integers(0, SMOLLM2_135M["vocab_size"], size=(args.samples, args.seq))
@@ -78,7 +78,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "slmopt.cli", "compile", str(model_dir), "--passes", args.passes,
         "--calib", str(calib), "--seq-len", str(args.seq), "--num-samples", str(args.samples),
-        "--threads", str(args.threads), "--no-progress", "-q", "-o", str(out),
+        "--threads", str(args.threads), "--no-progress", "-q", "--force", "-o", str(out),
     ]  # fmt: skip
     if not args.bench:
         cmd.append("--no-bench")
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bench", dest="bench", action="store_false",
                         help="skip the compile's latency bench (on by default, as in the CLI)")  # fmt: skip
     parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--out", help="keep the compiled folder here (default: a temporary folder)")
     args = parser.parse_args(argv)
     if args.layers < 1:
         parser.error("--layers must be >= 1")

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from slmopt.backends.onnxrt.rewrite import rewrite_for_ort
 from slmopt.backends.torch_backend import custom_ops_in
 from slmopt.lowering import onnx_translations
 
@@ -162,6 +163,7 @@ def export_onnx(
         # The ops we emit exist at IR 13; newer IR only adds types ORT 1.31 cannot load anyway.
         log.info("lowering ONNX IR version %d to %d for ONNX Runtime", model.ir_version, MAX_IR_VERSION)
         model.ir_version = MAX_IR_VERSION
+    rewrites = rewrite_for_ort(model)  # spellings ORT's fusions match (RMSNorm -> one kernel)
     if external_data is None:
         external_data = _program_nbytes(program) > EXTERNAL_DATA_THRESHOLD
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +181,7 @@ def export_onnx(
         "ir_version": proto.ir_version,
         "external_data": external_data,
         "optimized": optimize,
+        "ort_rewrites": rewrites,
         "input_names": [i.name for i in proto.graph.input],
         "output_names": [o.name for o in proto.graph.output],
         "op_histogram": onnx_op_histogram(proto),
