@@ -172,3 +172,35 @@ def test_cli_script(
     data = json.loads(out_json.read_text())
     assert len(data["engines"]) == 3 and data["config"]["input_shapes"] == [[1, 8]]
     assert main([str(tmp_path / "nope"), str(tmp_path), "--no-progress"]) == 2
+
+
+def test_bench_opens_the_compiled_engines_before_the_original(
+    tiny: tuple[Program, dict[str, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory (issue 14): the FFF engine's session peaks highest while it opens, so it opens first, with
+    only the lowered original's files (not its session) resident; and every ORT session returns the heap
+    its constant folding freed (make_session trims)."""
+    import slmopt.bench as bench_module
+    from slmopt.backends.onnxrt import session as session_module
+
+    program, folders = tiny
+    opened: list[str] = []
+    real_load_engine = bench_module.load_engine
+    real_release = session_module.release_freed_memory
+
+    def load_engine(folder, **kwargs):
+        opened.append("compiled engine" if Path(folder) == folders["onnxruntime"] else "other engine")
+        return real_load_engine(folder, **kwargs)
+
+    def release() -> bool:  # make_session's heap trim, right after a session opened
+        opened.append("session opened")
+        return real_release()
+
+    monkeypatch.setattr(bench_module, "load_engine", load_engine)
+    monkeypatch.setattr(session_module, "release_freed_memory", release)
+    result = bench_model_vs_compiled(
+        program, folders["onnxruntime"], threads=1, batch=1, seq=8, warmup=1, reps=1, progress=False
+    )
+    assert result.max_abs_diff["compiled"] <= 1e-4
+    # Nothing opened before the compiled engine; then its session, then the original's.
+    assert opened == ["compiled engine", "session opened", "session opened"], opened
