@@ -277,6 +277,9 @@ def test_parse_options_and_errors() -> None:
         parse_pipeline("fff{leaf_width=0}")
     assert parse_pipeline("ffn-to-fff{depth=3}").names == ["fff"]
     assert "partition=coactivation" in str(parse_pipeline("fff"))
+    with pytest.raises(ValueError, match="distill_precision: .fp8. is not one of auto, float32, bfloat16"):
+        parse_pipeline("fff{distill_precision=fp8}")
+    assert parse_pipeline("fff").passes[0].config.distill_precision == "auto"
     for bad in ("fff{depth=-1}", "fff{depth=13}", "fff{partition=kmeans}", "fff{lowering=tvm}", "fff{lr=0}"):
         with pytest.raises(ValueError):
             parse_pipeline(bad)
